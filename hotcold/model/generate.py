@@ -1,0 +1,80 @@
+"""Token generation over any model with `new_cache()` and `forward(tokens, start, cache, last_only=True)`
+(the dense reference and the hybrid runtime both qualify)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+class CausalLM(Protocol):
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> Any: ...
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, cache: Any = None, **kw: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    new_ids: list[int]
+    prefill_seconds: float
+    decode_seconds: float  # time of the decode steps (every new token after the first)
+    stop_reason: str  # "eos" | "length"
+    logits: list[torch.Tensor] = field(default_factory=list)  # per new token [V], when kept
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return len(self.prompt_ids) / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = len(self.new_ids) - 1  # the first new token comes out of prefill
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+def sample(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@torch.inference_mode()
+def generate(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+             seed: int = 0, eos_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
+             keep_logits: bool = False, forward_kw: dict[str, Any] | None = None) -> Generation:
+    """Prefill the prompt, then decode one token at a time (greedy at temperature 0) until EOS or length."""
+    kw = forward_kw or {}
+    ids = list(prompt_ids)
+    if not ids:
+        raise ValueError("empty prompt")
+    cache = model.new_cache(1, len(ids) + max_new_tokens)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    logits = model.forward(torch.tensor([ids]), 0, cache, last_only=True, **kw)[0, -1]
+    t1 = time.perf_counter()
+    new: list[int] = []
+    kept: list[torch.Tensor] = []
+    stop = "length"
+    pos = len(ids)
+    while len(new) < max_new_tokens:
+        if keep_logits:
+            kept.append(logits.clone())
+        tok = sample(logits, temperature, gen)
+        new.append(tok)
+        if on_token:
+            on_token(tok)
+        if tok in eos_ids:
+            stop = "eos"
+            break
+        if len(new) == max_new_tokens:
+            break
+        logits = model.forward(torch.tensor([[tok]]), pos, cache, last_only=True, **kw)[0, -1]
+        pos += 1
+    t2 = time.perf_counter()
+    return Generation(prompt_ids=ids, new_ids=new, prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
+                      stop_reason=stop, logits=kept)

@@ -1,0 +1,152 @@
+"""Tokenizers built with the `tokenizers` library, from GGUF metadata or a tokenizer.json, and the
+model's chat template rendered with jinja2 the way Hugging Face renders it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hotcold.errors import InputError
+
+# Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre` (the same split llama.cpp applies).
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (GPT2_REGEX,),
+    "gpt2": (GPT2_REGEX,),
+    "smollm": (r"\p{N}", GPT2_REGEX),  # digits split one by one, then GPT-2's split
+    "llama-bpe": (LLAMA3_REGEX,),
+    "llama3": (LLAMA3_REGEX,),
+}
+
+DEFAULT_SYSTEM = "You are an expert Python programmer."
+
+
+@dataclass
+class Tokenizer:
+    tk: Any  # tokenizers.Tokenizer
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+    add_bos: bool
+    chat_template: str | None
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_gguf_reader(cls, reader: Any, path: Path) -> Tokenizer:
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as TK
+
+        def field(key: str, default: Any = None) -> Any:
+            f = reader.fields.get(key)
+            return default if f is None else f.contents()
+
+        kind = field("tokenizer.ggml.model")
+        tokens = field("tokenizer.ggml.tokens")
+        if not tokens:
+            raise InputError(f"{path} has no tokenizer in its metadata", "use a GGUF that embeds its tokenizer")
+        types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if kind == "gpt2":
+            merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
+            tk = TK(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+            pre = field("tokenizer.ggml.pre", "default")
+            regexes = PRE_SPLITS.get(pre, PRE_SPLITS["default"])
+            tk.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tk.decoder = decoders.ByteLevel()
+        elif kind == "llama":
+            # SentencePiece vocab with scores: a Unigram model with byte fallback reproduces SPM's
+            # segmentation for LLaMA-2-style vocabularies.
+            from tokenizers import normalizers
+
+            scores = field("tokenizer.ggml.scores") or [0.0] * len(tokens)
+            unk = field("tokenizer.ggml.unknown_token_id", 0)
+            tk = TK(models.Unigram([(t, float(s)) for t, s in zip(tokens, scores)], unk_id=unk, byte_fallback=True))
+            tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+            tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                            decoders.Strip(" ", 1, 0)])
+        else:
+            raise InputError(f"{path} uses tokenizer model {kind!r}", "hotcold reads gpt2 (BPE) and llama (SentencePiece) tokenizers")
+        special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)]
+        tk.add_special_tokens(special)
+        bos = field("tokenizer.ggml.bos_token_id")
+        eos = field("tokenizer.ggml.eos_token_id")
+        eot = field("tokenizer.ggml.eot_token_id")
+        eos_ids = tuple(int(x) for x in dict.fromkeys([eos, eot]) if x is not None)
+        return cls(tk=tk, bos_id=None if bos is None else int(bos), eos_ids=eos_ids,
+                   add_bos=bool(field("tokenizer.ggml.add_bos_token", kind == "llama")),
+                   chat_template=field("tokenizer.chat_template"))
+
+    @classmethod
+    def from_hf_dir(cls, d: Path, eos_ids: tuple[int, ...] = ()) -> Tokenizer | None:
+        from tokenizers import Tokenizer as TK
+
+        tj = d / "tokenizer.json"
+        if not tj.is_file():
+            return None
+        tk = TK.from_file(str(tj))
+        cfg: dict[str, Any] = {}
+        if (d / "tokenizer_config.json").is_file():
+            cfg = json.loads((d / "tokenizer_config.json").read_text())
+
+        def tok_id(v: Any) -> int | None:
+            if isinstance(v, dict):
+                v = v.get("content")
+            return tk.token_to_id(v) if isinstance(v, str) else None
+
+        bos = tok_id(cfg.get("bos_token"))
+        eos = tok_id(cfg.get("eos_token"))
+        ids = tuple(dict.fromkeys([*eos_ids, *([eos] if eos is not None else [])]))
+        template = cfg.get("chat_template")
+        if template is None and (d / "chat_template.jinja").is_file():
+            template = (d / "chat_template.jinja").read_text()
+        # HF tokenizer.json files add BOS through their post-processor; we never add it twice.
+        return cls(tk=tk, bos_id=bos, eos_ids=ids, add_bos=False, chat_template=template)
+
+    # ---- use -----------------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=True).ids
+        want_bos = self.add_bos if add_bos is None else add_bos
+        if want_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_str(self, i: int) -> str:
+        return self.tk.id_to_token(i) or ""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The chat template applied to `messages`, as HF's apply_chat_template(tokenize=False) does."""
+        if not self.chat_template:
+            # No template: a plain transcript, so models without one still get a sensible prompt.
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return text + ("assistant: " if add_generation_prompt else "")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg: str) -> None:
+            raise TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.token_str(self.bos_id) if self.bos_id is not None else "",
+                eos_token=self.token_str(self.eos_ids[0]) if self.eos_ids else "")
+        except TemplateError as e:
+            raise InputError(f"the model's chat template failed: {e}", "use --no-chat-template") from None
+
+    def chat_ids(self, user: str, system: str | None = None) -> list[int]:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return self.encode(self.render_chat(msgs))
