@@ -8,8 +8,15 @@ Directory layout (format version 1):
                          active_count_decode  [n_layers, n_ff] int64
                          hist_prefill         [n_layers, bins + 2] int64   (|a| histogram, see HIST_*)
                          hist_decode          [n_layers, bins + 2] int64
-    samples.safetensors  (optional) x [n, n_layers, dim] float16, mask [n, n_layers, n_ff] bool:
-                         sampled (FFN input, active mask) pairs for predictor training
+    samples.safetensors  (optional) sampled (FFN input, active mask) pairs for predictor training:
+                         x     [n, n_layers, dim]  float16  FFN input of layer l (after ffn_norm)
+                         mask  [n, n_layers, n_ff] bool     active under the profile's activation definition
+                         phase [n]                 uint8    0 prefill token, 1 decode token
+                         Row j is one token position seen by every layer, so x[:, l] -> mask[:, l] is
+                         layer l's training set. Positions are a uniform sample of all profiled token
+                         positions: each gets a pseudo-random key from (seed, prompt id, position) and
+                         the n smallest keys are kept (so the sample does not depend on the order or
+                         sharding of prompts); rows are sorted by key. Merging concatenates samples.
 
 `active_count` — the one [n_layers, n_ff] array the solver reads — is prefill + decode. In
 `teacher-forced` mode the prompt's tokens are counted as prefill and the reference continuation's as
@@ -46,6 +53,32 @@ def hist_edges(lo: float = HIST_LO, hi: float = HIST_HI, bins: int = HIST_BINS) 
     return np.logspace(np.log10(lo), np.log10(hi), bins + 1)
 
 
+def threshold_from_hist(hist: np.ndarray, sparsity: float, lo: float = HIST_LO, hi: float = HIST_HI,
+                        bins: int = HIST_BINS) -> float:
+    """Inverse CDF of one layer's |a| histogram [bins + 2]: the t below which a fraction `sparsity` falls.
+
+    Log-interpolated inside the bin that crosses `sparsity` (the profiler calibrates --sparsity with this
+    same function, so a threshold derived later from a saved profile is the one a run would use).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise InputError(f"sparsity {sparsity} is outside [0, 1)", "pass a fraction such as 0.5")
+    hist = np.asarray(hist, dtype=np.float64)
+    total = hist.sum()
+    if total == 0:
+        raise InputError("an empty |a| histogram has no threshold", "profile some tokens first")
+    cdf = np.cumsum(hist) / total
+    k = int(np.searchsorted(cdf, sparsity, side="left"))
+    edges = hist_edges(lo, hi, bins)
+    # bin k covers [edges[k-1], edges[k]) for 1 <= k <= bins; interpolate inside it.
+    if k == 0:
+        return float(edges[0]) * (sparsity / max(cdf[0], 1e-300))
+    if k > len(edges) - 1:
+        return float(edges[-1])
+    lo_c = cdf[k - 1]
+    frac = (sparsity - lo_c) / max(cdf[k] - lo_c, 1e-300)
+    return float(edges[k - 1] * (edges[k] / edges[k - 1]) ** frac)
+
+
 @dataclass(frozen=True)
 class Profile:
     manifest: dict[str, Any]
@@ -68,6 +101,14 @@ class Profile:
     @property
     def token_count(self) -> dict[str, int | None]:
         return dict(self.manifest["token_count"])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.active_count_decode.shape[0])
+
+    @property
+    def n_ff(self) -> int:
+        return int(self.active_count_decode.shape[1])
 
     @property
     def active_count(self) -> np.ndarray:
@@ -96,22 +137,11 @@ class Profile:
         if not 0.0 <= sparsity < 1.0:
             raise InputError(f"sparsity {sparsity} is outside [0, 1)", "pass a fraction such as 0.5")
         hist = {"prefill": self.hist_prefill, "decode": self.hist_decode,
-                "all": self.hist_prefill + self.hist_decode}[phase][layer].astype(np.float64)
-        total = hist.sum()
-        if total == 0:
+                "all": self.hist_prefill + self.hist_decode}[phase][layer]
+        if hist.sum() == 0:
             raise InputError(f"the profile has no magnitude samples for layer {layer} ({phase})",
-                             "profile with --activation magnitude, or use phase 'all'")
-        cdf = np.cumsum(hist) / total
-        k = int(np.searchsorted(cdf, sparsity, side="left"))
-        edges = hist_edges(**self.manifest["histogram"])
-        # bin k covers [edges[k-1], edges[k]) for 1 <= k <= bins; interpolate inside it.
-        if k == 0:
-            return float(edges[0]) * (sparsity / max(cdf[0], 1e-300))
-        if k > len(edges) - 1:
-            return float(edges[-1])
-        lo_c = cdf[k - 1]
-        frac = (sparsity - lo_c) / max(cdf[k] - lo_c, 1e-300)
-        return float(edges[k - 1] * (edges[k] / edges[k - 1]) ** frac)
+                             "use a profile made by `hotcold profile run`, or phase 'all'")
+        return threshold_from_hist(hist, sparsity, **self.manifest["histogram"])
 
     def magnitude_thresholds(self, sparsity: float, phase: str = "all") -> list[float]:
         return [self.magnitude_threshold(l, sparsity, phase) for l in range(self.active_count_decode.shape[0])]
@@ -193,6 +223,9 @@ def merge(profiles: list[Profile]) -> Profile:
     if all(p.samples for p in profiles):
         samples = {k: np.concatenate([p.samples[k] for p in profiles]) for k in first.samples}
     manifest = {k: v for k, v in first.manifest.items() if k != "files"}
+    modes = {p.manifest.get("mode") for p in profiles}
+    if len(modes) > 1:
+        manifest["mode"] = "mixed"
     manifest.update(token_count=tc, merged_from=parts,
                     dataset={"name": "merged", "parts": len(parts),
                              "n_prompts": sum(int((d or {}).get("n_prompts") or 0) for d in parts)})

@@ -1,0 +1,119 @@
+"""Activation definitions: when is FFN neuron i "active" on a token (design.md §1, the activation threshold).
+
+With a = act(W_gate x) * (W_up x) the FFN's intermediate activation of one token ([n_ff] per layer):
+
+    relu       a_i != 0          for ReLU / ReGLU models (a ReLU FFN's a_i > 0; ReGLU's relu(g_i)·u_i != 0):
+                                 exactly the neurons a runtime may not skip
+    gate       W_gate x > 0      the gate's sign (silu(g) > 0 iff g > 0); the gate is recomputed from x
+    magnitude  |a_i| > t_l       CATS/TEAL-style, t_l per layer: one absolute value for every layer
+                                 (--threshold), given per layer (--thresholds-from), or calibrated so that a
+                                 target fraction of |a| values on calibration prompts falls below it (--sparsity)
+
+Every profile also records |a| histograms (HIST_* in artifact.py) whatever the definition, so any
+magnitude threshold can be derived later without re-profiling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hotcold.errors import InputError
+from hotcold.profiler.artifact import HIST_BINS, HIST_HI, HIST_LO
+
+if TYPE_CHECKING:
+    import torch
+
+    from hotcold.model.config import ModelConfig
+
+KINDS = ("magnitude", "gate", "relu")
+# CATS (Lee et al. 2024) sparsifies SwiGLU FFNs at 50% with little quality loss and TEAL (Liu et al.
+# 2024) reports 40-50% as near-lossless on LLaMA-2/3: the default target when none is given.
+DEFAULT_SPARSITY = 0.5
+HISTOGRAM = {"lo": HIST_LO, "hi": HIST_HI, "bins": HIST_BINS}
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """What the user asked for. `resolve()` turns it into per-layer thresholds (after calibration)."""
+
+    kind: str = "magnitude"
+    threshold: float | None = None  # magnitude: one absolute t for every layer
+    sparsity: float | None = None  # magnitude: target fraction of |a| below t_l, calibrated per layer
+    thresholds: tuple[float, ...] | None = None  # magnitude: t_l given per layer (e.g. from another profile)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise InputError(f"unknown activation definition {self.kind!r}", f"use one of: {', '.join(KINDS)}")
+        given = [n for n, v in (("--threshold", self.threshold), ("--sparsity", self.sparsity),
+                                ("--thresholds-from", self.thresholds)) if v is not None]
+        if self.kind != "magnitude" and given:
+            raise InputError(f"{' and '.join(given)} only apply to --activation magnitude (got {self.kind})",
+                             f"drop {' and '.join(given)} or use --activation magnitude")
+        if self.threshold is not None and self.sparsity is not None:
+            raise InputError("both --threshold and --sparsity were given",
+                             "pass one: an absolute threshold, or a target sparsity to calibrate per layer")
+        if self.threshold is not None and self.thresholds is not None:
+            raise InputError("both --threshold and per-layer thresholds were given", "pass one of them")
+        if self.threshold is not None and not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise InputError(f"--threshold must be a finite number >= 0, got {self.threshold}",
+                             "pass e.g. --threshold 0.01")
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise InputError(f"--sparsity must be in [0, 1), got {self.sparsity}", "pass a fraction such as 0.5")
+        if self.thresholds is not None and not all(math.isfinite(t) and t >= 0 for t in self.thresholds):
+            raise InputError("per-layer thresholds must be finite numbers >= 0", "check the thresholds' source")
+
+    @property
+    def target_sparsity(self) -> float | None:
+        if self.kind != "magnitude" or self.threshold is not None or self.thresholds is not None:
+            return self.sparsity
+        return self.sparsity if self.sparsity is not None else DEFAULT_SPARSITY
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.kind == "magnitude" and self.threshold is None and self.thresholds is None
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        if self.kind == "relu" and cfg.activation != "relu":
+            raise InputError(f"--activation relu counts a_i != 0, but this model's FFN uses {cfg.activation} "
+                             "(never exactly zero), so every neuron would count as active",
+                             "use --activation magnitude (or gate) for SwiGLU models")
+        if self.thresholds is not None and len(self.thresholds) != cfg.n_layers:
+            raise InputError(f"{len(self.thresholds)} per-layer thresholds given for a model with "
+                             f"{cfg.n_layers} layers", "take the thresholds from a profile of this model")
+
+    def layer_thresholds(self, cfg: ModelConfig) -> list[float] | None:
+        """t_l for every layer when known without calibration; None for gate/relu."""
+        if self.kind != "magnitude":
+            return None
+        if self.thresholds is not None:
+            return [float(t) for t in self.thresholds]
+        if self.threshold is not None:
+            return [float(self.threshold)] * cfg.n_layers
+        raise ValueError("thresholds need calibration")
+
+    def to_json(self) -> dict[str, Any]:
+        """What the user asked for (part of a run's identity, used for resuming)."""
+        return {"kind": self.kind, "threshold": self.threshold, "sparsity": self.target_sparsity,
+                "thresholds": None if self.thresholds is None else list(self.thresholds)}
+
+
+def manifest_entry(kind: str, thresholds: list[float] | None, target_sparsity: float | None) -> dict[str, Any]:
+    """The Profile manifest's "activation": what decides compatibility of two profiles."""
+    return {"kind": kind, "thresholds": None if thresholds is None else [float(t) for t in thresholds],
+            "target_sparsity": target_sparsity}
+
+
+def hist_index(abs_a: torch.Tensor, lo: float = HIST_LO, hi: float = HIST_HI, bins: int = HIST_BINS) -> torch.Tensor:
+    """Histogram bin of each |a| (flattened, int64): 0 below lo (zeros included), 1..bins log-spaced as
+    artifact.hist_edges, bins + 1 at or above hi."""
+    scale = bins / math.log10(hi / lo)
+    idx = abs_a.log10().sub_(math.log10(lo)).mul_(scale).floor_().clamp_(-1, bins)
+    return idx.nan_to_num_(nan=-1.0).to(dtype=_int64()).add_(1).reshape(-1)
+
+
+def _int64():
+    import torch
+
+    return torch.int64
