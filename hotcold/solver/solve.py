@@ -21,6 +21,9 @@ from hotcold.solver.policies import (
 )
 
 POLICIES = ("fixed", "impact", "adaptive")
+# fractions of a layer's neurons (hottest first) at which the manifest records the layer's frequency,
+# so reports can draw each layer's frequency curve without the profile
+RANK_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 def solve(profile, hardware: HardwareSpec | str | Path, policy: str = "adaptive", gpu_budget: int | str | None = None,
@@ -227,6 +230,7 @@ def _manifest(cfg, hw, cm, pc, n_hot, c_l, enforce, policy, params, solver_info,
             "time_ms": {"pre": float(t.pre[l] * 1e3), "gpu": float(t.gpu[l] * 1e3), "cpu": float(t.cpu[l] * 1e3),
                         "sync": float(t.sync[l] * 1e3), "total": float(t.total[l] * 1e3)},
             "regime": regimes[l],
+            "f_at_rank": [float(pc.f[l, min(cfg.n_ff - 1, int(q * cfg.n_ff))]) for q in RANK_GRID],
         })
     served = float(np.take_along_axis(pc.cum_f, n_hot[:, None], axis=1).sum())
     total_f = float(pc.cum_f[:, -1].sum())
@@ -248,6 +252,7 @@ def _manifest(cfg, hw, cm, pc, n_hot, c_l, enforce, policy, params, solver_info,
         "cold_mode": cm.cold_mode, "dtype": cm.dtype, "ctx_len": cm.ctx_len,
         "cost_model": cm.to_json(),
         "memory": acct.to_json(),
+        "rank_grid": list(RANK_GRID),
         "layers": layers,
         "totals": totals,
     }
