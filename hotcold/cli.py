@@ -52,7 +52,7 @@ for _mod in STAGES:
     try:
         _module = importlib.import_module(_mod)
     except ModuleNotFoundError as _e:  # a stage not built yet in this checkout
-        if _e.name != _mod:
+        if not (_e.name and _mod.startswith(_e.name)):
             raise
         continue
     _module.register(app)

@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny random LLaMA (fast), the real SmolLM2-135M (truth), and MBPP's path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MBPP = Path(os.environ.get("HOTCOLD_MBPP") or REPO.parent / "shared" / "data" / "mbpp.jsonl")
+
+
+@pytest.fixture(scope="session")
+def mbpp_path() -> Path:
+    if not MBPP.is_file():
+        pytest.fail(f"MBPP not found at {MBPP}: set HOTCOLD_MBPP or check out ../shared beside the repo")
+    return MBPP
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF, fetched once into $HOTCOLD_HOME."""
+    from hotcold.model.registry import fetch
+
+    return fetch("smollm2-135m", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smollm_source(smollm_path):
+    from hotcold.model.gguf_loader import GGUFSource
+
+    return GGUFSource(smollm_path)
+
+
+@pytest.fixture(scope="session")
+def smollm_dense(smollm_source):
+    from hotcold.model.dense import DenseModel
+
+    return DenseModel.from_source(smollm_source, max_len=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_source():
+    from hotcold.model.registry import load_source
+
+    return load_source("random:tiny")
