@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -218,7 +219,9 @@ def _solver(name: str, time_limit: float, mip_gap: float):
             raise InputError("the HiGHS solver is not installed", "pip install highspy, or use --solver cbc")
     if name not in ("auto", "cbc", "highs"):
         raise InputError(f"unknown MILP solver {name!r}", "use auto, cbc or highs")
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1.0, time_limit), gapRel=mip_gap, threads=threads), "cbc"
+    with warnings.catch_warnings():  # PuLP 3.x deprecates the bundled-CBC class name, not the solver
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1.0, time_limit), gapRel=mip_gap, threads=threads), "cbc"
 
 
 def solve_blocks(p: BlockProblem, time_limit: float = 60.0, mip_gap: float = 1e-4, solver: str = "auto",
@@ -250,9 +253,10 @@ def solve_blocks(p: BlockProblem, time_limit: float = 60.0, mip_gap: float = 1e-
     log(f"{p.kind}: Lagrangian bound {lb:.6g}, greedy {ub:.6g}; MILP on {n_vars} of {n_full} block binaries")
 
     prob = pulp.LpProblem(f"hotcold_{p.kind}", pulp.LpMinimize if p.kind == "adaptive" else pulp.LpMaximize)
+    new_var = getattr(prob, "add_variable", None) or pulp.LpVariable  # PuLP >= 3.3 attaches variables to the model
     x: list[list[Any]] = []
     for l in range(L):
-        x.append([pulp.LpVariable(f"x_{l}_{j}", lowBound=0, upBound=1, cat="Binary") for j in range(a[l], b[l])])
+        x.append([new_var(f"x_{l}_{j}", lowBound=0, upBound=1, cat="Binary") for j in range(a[l], b[l])])
     fixed_n = int(N[rows, a].sum())
     sizes = [(l, j, int(N[l, j + 1] - N[l, j])) for l in range(L) for j in range(a[l], b[l])]
     # Block sizes share a divisor (the group size, unless a layer ends in a partial group): dividing the
@@ -290,7 +294,7 @@ def solve_blocks(p: BlockProblem, time_limit: float = 60.0, mip_gap: float = 1e-
             const += float(max(gpu[al], cpu[al]) if p.overlap else gpu[al] + cpu[al])
             continue
         zmax = float(max(gpu[bl], cpu[al]) if p.overlap else gpu[bl] + cpu[al])
-        z = pulp.LpVariable(f"z_{l}", lowBound=0, upBound=zmax * (1 + 1e-9) + 1e-9)
+        z = new_var(f"z_{l}", lowBound=0, upBound=zmax * (1 + 1e-9) + 1e-9)
         obj_terms.append((z, 1.0))
         g_expr = pulp.LpAffineExpression([(xs[j - al], float(gpu[j + 1] - gpu[j])) for j in range(al, bl)])
         c_expr = pulp.LpAffineExpression([(xs[j - al], float(cpu[j] - cpu[j + 1])) for j in range(al, bl)])
