@@ -88,7 +88,7 @@ def solve_cmd(
     for pol in policies:
         err.print(f"solving [bold]{pol}[/] for {prof.model_config.name} on {hw.name} …")
         pl = solve(prof, hw, policy=pol, gpu_budget=gpu_budget, cpu_budget=cpu_budget,
-                   tau=tau if pol == "fixed" else None, group_size=group_size, cold_mode=cold_mode, ctx_len=ctx_len,
+                   tau=tau if pol == "fixed" or not compare else None, group_size=group_size, cold_mode=cold_mode, ctx_len=ctx_len,
                    time_limit=time_limit, dtype=dtype, min_hot=min_hot, solver=solver, phase=phase,
                    gpu_sparse=gpu_sparse, log=log)
         if out_dir is not None:

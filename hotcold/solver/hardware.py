@@ -117,9 +117,6 @@ class HardwareSpec:
             raise InputError(f"hardware spec {path} is not valid JSON ({e})", "re-run `hotcold calibrate`") from None
         return cls.from_json(d, where=str(path))
 
-    def with_budget_defaults(self, **kw: Any) -> HardwareSpec:
-        return dataclasses.replace(self, **kw)
-
 
 # The sync latency measured on the H200 machine (32 KB round trip + stream sync) is the only measured
 # value we have; the PC presets reuse it and say so.
@@ -233,11 +230,13 @@ def calibrate(dtype: str | None = None, seconds: float = 40.0, threads: int | No
     m: dict[str, Any] = {"host": platform.node(), "cpu_threads": n_threads, "dtype": dtype,
                          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
-    # CPU: a working set well beyond the caches (1/16 of RAM, at most 1 GiB).
+    # CPU: a working set well beyond the caches: 1 GiB (at most 1/16 of RAM); a short run (`seconds`
+    # below 32) shrinks it to `seconds` × 32 MiB, never below 64 MiB.
     dim = 4096
-    rows = max(dim, min(GiB, ram // 16 or GiB) // (dim * torch.finfo(tdtype).bits // 8))
-    w = torch.randn(rows, dim).to(tdtype)
-    x = torch.randn(1, dim).to(tdtype)
+    ws = min(GiB, ram // 16 or GiB, max(64 * 2**20, int(seconds * 32 * 2**20)))
+    rows = max(dim, ws // (dim * torch.finfo(tdtype).bits // 8))
+    w = torch.full((rows, dim), 0.5, dtype=tdtype)  # values do not matter for bandwidth; full() is fast
+    x = torch.full((1, dim), 0.5, dtype=tdtype)
     nbytes = w.numel() * w.element_size()
     log(f"CPU: {n_threads} threads, {nbytes / GiB:.2f} GiB working set")
     t_read = _median_time(lambda: w.sum(), 5, deadline=deadline)
@@ -265,8 +264,8 @@ def calibrate(dtype: str | None = None, seconds: float = 40.0, threads: int | No
         props = torch.cuda.get_device_properties(dev)
         m["gpu_name"], m["gpu_total_bytes"], m["gpu_free_bytes"] = props.name, total, free
         sync = torch.cuda.synchronize
-        gw = torch.randn(8 * 8192, 8192, device=dev, dtype=tdtype)  # 1 GiB in fp16
-        gx = torch.randn(1, 8192, device=dev, dtype=tdtype)
+        gw = torch.full((8 * 8192, 8192), 0.5, device=dev, dtype=tdtype)  # 1 GiB in fp16
+        gx = torch.full((1, 8192), 0.5, device=dev, dtype=tdtype)
         gbytes = gw.numel() * gw.element_size()
         t = _median_time(lambda: F.linear(gx, gw), 20, sync, deadline)
         m["gpu_linear_GBps"] = gbytes / t / 1e9
