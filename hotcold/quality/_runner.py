@@ -270,9 +270,25 @@ def main() -> None:
     pid = os.fork()
     if pid == 0:
         try:
+            os.setpgid(0, 0)
             _child(job, report_fd, nsflags, drop_uid, userns, nproc_base)
         finally:
             os._exit(EXIT_SANDBOX_ERROR)
+    try:
+        os.setpgid(pid, pid)  # (both sides, whichever runs first)
+    except OSError:
+        pass
+
+    def stop(signum, frame) -> None:
+        """SIGTERM from the caller at its wall-clock timeout: kill the candidate, then reap it below
+        (with a PID namespace, reaping PID 1 means every process of the sandbox is gone)."""
+        for kill, target in ((os.killpg, pid), (os.kill, pid)):
+            try:
+                kill(target, signal.SIGKILL)
+            except OSError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
     while True:
         try:
             _, status, ru = os.wait4(pid, 0)
@@ -281,6 +297,11 @@ def main() -> None:
             continue
     if drop_uid and not nsflags & CLONE_NEWPID:
         _kill_uid(uid)
+    elif not nsflags & CLONE_NEWPID:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # what is left of the candidate's process group
+        except OSError:
+            pass
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     emit({"kind": "exit", "signal": sig, "exitcode": code, "cpu_s": ru.ru_utime + ru.ru_stime,
@@ -306,6 +327,7 @@ def _child(job, report_fd, nsflags, drop_uid, userns, nproc_base) -> None:
         os.write(report_fd, (json.dumps({"kind": "sandbox_error", "error": msg}) + "\n").encode())
         os._exit(EXIT_SANDBOX_ERROR)
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if nsflags & CLONE_NEWPID and nsflags & CLONE_NEWNS:
         err = _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         (missing.append(f"proc: {err}") if err else applied.append("proc"))

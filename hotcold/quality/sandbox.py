@@ -48,6 +48,8 @@ TAIL_CHARS = 2000
 UID_BASE = 0xC0000000
 UID_SPAN = 1 << 24
 EXIT_SANDBOX_ERROR = 70
+STOP_GRACE_S = 10.0  # after the timeout, how long the runner gets to kill and reap the candidate
+REAP_S = 5.0  # how long to keep killing a sandbox uid's leftover processes (no PID namespace)
 
 
 class SandboxError(HotcoldError):
@@ -58,10 +60,12 @@ class SandboxError(HotcoldError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Per-run limits. `cpu_s` defaults to the wall-clock timeout rounded up."""
+    """Per-run limits. `cpu_s=None` means the wall-clock timeout rounded up."""
 
-    timeout_s: float = 10.0  # wall clock, for all of code + setup + tests
-    cpu_s: float | None = None  # RLIMIT_CPU, soft = hard: SIGKILL when the process has used this much CPU
+    # CPU time is the budget that does not depend on how loaded the machine is (MBPP's slowest reference,
+    # task 123, needs 4 s of CPU); the wall clock is twice that, to catch code that sleeps or blocks.
+    timeout_s: float = 20.0  # wall clock, for all of code + setup + tests
+    cpu_s: float | None = 10.0  # RLIMIT_CPU, soft = hard: SIGKILL when the process has used this much CPU
     memory_mb: int = 1024  # RLIMIT_AS (address space): a 50 GB allocation raises MemoryError
     disk_mb: int = 64  # the working directory's tmpfs size and RLIMIT_FSIZE (stdout/stderr files too)
     nproc: int = 32  # RLIMIT_NPROC for the sandbox uid
@@ -211,13 +215,16 @@ def _sandbox_uid(enabled: bool):
     try:
         yield uid
     finally:
-        _kill_uid_processes(uid)
+        deadline = time.monotonic() + REAP_S
+        while _kill_uid_processes(uid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         with _uid_lock:
             _uids_in_use.discard(uid)
 
 
 def _kill_uid_processes(uid: int) -> int:
-    """SIGKILL every process whose real uid is `uid`; returns how many were found."""
+    """SIGKILL every process whose real uid is `uid`; returns how many were found (zombies included:
+    they are gone once their parent reaps them)."""
     found = 0
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -233,6 +240,27 @@ def _kill_uid_processes(uid: int) -> int:
         except (OSError, ValueError):
             continue
     return found
+
+
+def _traversable(path: str) -> bool:
+    """Whether any user can reach `path` (every directory on the way has o+x)."""
+    p = Path(path).resolve()
+    return all(os.stat(d).st_mode & 0o001 for d in (p, *p.parents))
+
+
+def _workdir_parent(box: Sandbox) -> str:
+    """Where the working directory goes. A sandbox uid must be able to reach it: the default temp dir
+    if it can, else /tmp; an explicit `tmp_dir` it cannot reach is an error."""
+    dropping = box.drop_uid and os.geteuid() == 0
+    if box.tmp_dir is not None:
+        if dropping and not _traversable(box.tmp_dir):
+            raise InputError(f"the sandbox's unprivileged uid cannot reach {box.tmp_dir} (a directory on the "
+                             "way is not world-searchable)", "use a tmp_dir under /tmp, or chmod o+x its parents")
+        return box.tmp_dir
+    default = tempfile.gettempdir()
+    if dropping and not _traversable(default) and os.path.isdir("/tmp") and _traversable("/tmp"):
+        return "/tmp"
+    return default
 
 
 def _env(workdir: str) -> dict[str, str]:
@@ -262,7 +290,7 @@ def _tail(f, chars: int = TAIL_CHARS) -> str:
 def _run(box: Sandbox, code: str, tests: list[str], setup_code: str, task_id: str | None,
          force_remount: bool) -> SandboxResult:
     lim = box.limits
-    workdir = tempfile.mkdtemp(prefix="hotcold-sandbox-", dir=box.tmp_dir)
+    workdir = tempfile.mkdtemp(prefix="hotcold-sandbox-", dir=_workdir_parent(box))
     rfd, wfd = os.pipe()
     t0 = time.perf_counter()
     timed_out = False
@@ -293,10 +321,8 @@ def _run(box: Sandbox, code: str, tests: list[str], setup_code: str, task_id: st
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                if proc.poll() is None or timed_out:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                if proc.poll() is None:
+                    _stop(proc)
             seconds = time.perf_counter() - t0
             lines = _read_report(rfd)
             stderr_tail, stdout_tail = _tail(errf), _tail(out, TAIL_CHARS // 2)
@@ -306,6 +332,19 @@ def _run(box: Sandbox, code: str, tests: list[str], setup_code: str, task_id: st
         os.close(rfd)
         shutil.rmtree(workdir, ignore_errors=True)
     return _classify(box, lines, proc.returncode, timed_out, seconds, stderr_tail, stdout_tail, task_id)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask the runner to kill the candidate and reap it (SIGTERM); if it does not exit within
+    STOP_GRACE_S, kill the runner's process group outright."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _wait(proc, STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> None:
@@ -374,7 +413,8 @@ def _classify(box: Sandbox, lines: list[dict], returncode: int, timed_out: bool,
         if status == "error" and res.get("stage"):
             detail = f"{res['stage']}: {detail}"
         return SandboxResult(status == "pass", status, detail, **common)
-    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu is not None and cpu >= box.limits.resolved_cpu_s()):
+    # RLIMIT_CPU kills with SIGKILL (soft = hard); rusage rounds differently from the kernel's check
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu is not None and cpu >= 0.9 * box.limits.resolved_cpu_s()):
         return SandboxResult(False, "timeout", f"CPU-time limit of {box.limits.resolved_cpu_s()} s", **common)
     if sig is not None:
         return SandboxResult(False, "error", f"killed by {signal.Signals(sig).name}", **common)
