@@ -189,9 +189,9 @@ def test_milp_equals_brute_force(seed):
             with pytest.raises(InfeasibleError):
                 solve_blocks(prob, mip_gap=1e-9)
             continue
-        for reduce in (True, False):
-            sol = solve_blocks(prob, mip_gap=1e-9, reduce=reduce)
-            assert sol.objective == pytest.approx(expect, rel=1e-7, abs=1e-9), (kind, reduce)
+        for reduce, form in ((True, "incremental"), (False, "incremental"), (True, "epigraph"), (False, "epigraph")):
+            sol = solve_blocks(prob, mip_gap=1e-9, reduce=reduce, formulation=form)
+            assert sol.objective == pytest.approx(expect, rel=1e-7, abs=1e-9), (kind, reduce, form)
             assert sol.bound <= sol.objective + 1e-9 and k_lo <= sol.n_hot.sum() <= k_hi
 
 
@@ -209,9 +209,9 @@ def test_reduction_is_exact_at_medium_size(seed):
         for build in (adaptive_problem, impact_problem):
             prob = build(pc, blocks, 0, k_hi)
             a = solve_blocks(prob, mip_gap=1e-9, reduce=True)
-            b = solve_blocks(prob, mip_gap=1e-9, reduce=False)
+            b = solve_blocks(prob, mip_gap=1e-9, reduce=False, formulation="epigraph")
             assert a.objective == pytest.approx(b.objective, rel=1e-7)
-            assert a.stats["binaries"] < b.stats["binaries"] == b.stats["binaries_full"]
+            assert a.stats["free_blocks"] < b.stats["free_blocks"] == b.stats["blocks"] == b.stats["int_vars"]
 
 
 def test_impact_is_global_top_k_without_min_hot():
@@ -382,7 +382,9 @@ def test_frequency_order_fast_path_matches_stable_sort():
     rng = np.random.default_rng(0)
     for f in (np.round(rng.random((5, 300)) * 50) / 50, rng.random((3, 100)), np.zeros((2, 10)),
               np.array([[0.5, 0.5 + 1e-12, 0.5, 0.1]])):
-        assert (frequency_order(f) == np.argsort(-f, axis=1, kind="stable")).all()
+        order, fs = frequency_order(f)
+        assert (order == np.argsort(-f, axis=1, kind="stable")).all()
+        assert (fs == np.take_along_axis(f, order.astype(np.int64), axis=1)).all()
 
 
 def test_fixed_budget_tau_keeps_ties_together():

@@ -65,7 +65,7 @@ def solve_cmd(
     cold_mode: ColdModeOpt = "threshold",
     ctx_len: CtxOpt = None,
     dtype: DtypeOpt = None,
-    time_limit: TimeOpt = 60.0,
+    time_limit: TimeOpt = 10.0,
     min_hot: MinHotOpt = None,
     solver: SolverOpt = "auto",
     phase: PhaseOpt = "decode",

@@ -148,17 +148,18 @@ PRESETS: dict[str, HardwareSpec] = {
                "reserve_bytes": "assumed: 1 GiB CUDA context and allocator slack, 4 GiB for the OS"}),
     "h200": HardwareSpec(
         name="h200",
-        gpu=GpuSpec(name="NVIDIA H200", memory_bytes=141 * 10**9, bandwidth=4.3e12, sparse_bandwidth=2.4e12,
+        gpu=GpuSpec(name="NVIDIA H200", memory_bytes=150_109_880_320, bandwidth=4.3e12, sparse_bandwidth=2.4e12,
                     reserve_bytes=1 * GiB),
         cpu=CpuSpec(name="16 cores of the H200 host", memory_bytes=125 * GiB, bandwidth=97e9, threads=16,
                     reserve_bytes=4 * GiB),
         link=LinkSpec(pcie_bandwidth=55.2e9, sync_seconds=_SYNC_H200),
         dtype="float16", source="preset: measured on the project's H200 machine (issue 6)",
-        notes={"gpu.bandwidth": "measured: HBM 4.3 TB/s dense fp16",
+        notes={"gpu.memory_bytes": "measured: torch.cuda.mem_get_info total on the lent H200 (139.8 GiB)",
+               "gpu.bandwidth": "measured: HBM 4.3 TB/s dense fp16 (hotcold calibrate: 3.94 TB/s with F.linear)",
                "gpu.sparse_bandwidth": "measured 2.4-3.5 TB/s reading 5-20% of rows; the lower end is used",
-               "cpu.bandwidth": "measured: DRAM 97 GB/s with 16 threads",
+               "cpu.bandwidth": "measured: DRAM 97 GB/s with 16 threads (fp16 F.linear reaches 62-74 GB/s)",
                "link.pcie_bandwidth": "measured: pinned copies 55.2 GB/s",
-               "link.sync_seconds": "measured: 32 KB round trip + sync 15.7 us",
+               "link.sync_seconds": "measured: 32 KB round trip + sync 15.7 us (hotcold calibrate: 14.2 us)",
                "reserve_bytes": "assumed: 1 GiB CUDA context and allocator slack, 4 GiB for the OS"}),
 }
 

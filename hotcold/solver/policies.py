@@ -11,6 +11,10 @@ x_{l,j} = "block j of layer l is hot", with the prefix structure x_{l,j+1} ≤ x
     impact    max Σ f of hot neurons             s.t. budgets
     adaptive  min Σ_l (T_pre + z_l + T_sync·(1 − x_{l,last}))
               s.t. z_l ≥ T_gpu,l(x), z_l ≥ T_cpu,l(x)      (z_l ≥ T_gpu + T_cpu on one memory bus), budgets
+              ("epigraph" form, as design.md writes it). The default "incremental" form has the same binaries
+              and gives x_{l,j} the change in T_l that block j makes, T_l(k+1) − T_l(k), max and sync included:
+              equal on every prefix-ordered x, and its LP relaxation is each layer's convex hull, which
+              CBC closes much faster. Tests solve both and check they agree.
 
 Budgets: every neuron has the same bytes on either side, so the GPU budget is "at most K_hi hot neurons"
 and the CPU budget "at least K_lo hot neurons", after the dense tensors (hotcold.memory) are placed.
@@ -224,10 +228,20 @@ def _solver(name: str, time_limit: float, mip_gap: float):
         return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1.0, time_limit), gapRel=mip_gap, threads=threads), "cbc"
 
 
-def solve_blocks(p: BlockProblem, time_limit: float = 60.0, mip_gap: float = 1e-4, solver: str = "auto",
-                 reduce: bool = True, log: Callable[[str], None] = lambda s: None) -> BlockSolution:
-    """Solve a BlockProblem exactly (within mip_gap) with PuLP, after Lagrangian reduction."""
+def solve_blocks(p: BlockProblem, time_limit: float = 10.0, mip_gap: float = 1e-4, solver: str = "auto",
+                 reduce: bool = True, formulation: str = "incremental",
+                 log: Callable[[str], None] = lambda s: None) -> BlockSolution:
+    """Solve a BlockProblem exactly (within mip_gap) with PuLP, after Lagrangian reduction.
+
+    formulation (adaptive only): "epigraph" is the MILP as design.md writes it — z_l ≥ T_gpu,l(x),
+    z_l ≥ T_cpu,l(x), sync (1 − x_{l,last}); "incremental" (default) gives each block binary the change
+    in T_l it makes. Both are exact on prefix-ordered binaries and give the same optimum (tested); the
+    incremental one's LP relaxation is tighter (each layer's convex hull), so CBC proves it faster.
+    """
     import pulp
+
+    if formulation not in ("incremental", "epigraph"):
+        raise InputError(f"unknown MILP formulation {formulation!r}", "use incremental or epigraph")
 
     t0 = time.perf_counter()
     L = p.value.shape[0]
@@ -250,25 +264,167 @@ def solve_blocks(p: BlockProblem, time_limit: float = 60.0, mip_gap: float = 1e-
         a, b = np.zeros(L, dtype=np.int64), p.blocks.m.copy()
     n_full = int(p.blocks.m.sum())
     n_vars = int((b - a).sum())
-    log(f"{p.kind}: Lagrangian bound {lb:.6g}, greedy {ub:.6g}; MILP on {n_vars} of {n_full} block binaries")
+    log(f"{p.kind}: Lagrangian bound {lb:.6g}, greedy {ub:.6g}; {n_vars} of {n_full} blocks left free")
 
-    prob = pulp.LpProblem(f"hotcold_{p.kind}", pulp.LpMinimize if p.kind == "adaptive" else pulp.LpMaximize)
-    new_var = getattr(prob, "add_variable", None) or pulp.LpVariable  # PuLP >= 3.3 attaches variables to the model
-    x: list[list[Any]] = []
-    for l in range(L):
-        x.append([new_var(f"x_{l}_{j}", lowBound=0, upBound=1, cat="Binary") for j in range(a[l], b[l])])
-    fixed_n = int(N[rows, a].sum())
-    sizes = [(l, j, int(N[l, j + 1] - N[l, j])) for l in range(L) for j in range(a[l], b[l])]
-    # Block sizes share a divisor (the group size, unless a layer ends in a partial group): dividing the
-    # budget rows by it and rounding their right-hand sides inward is exact for integer x and closes
-    # the LP gap that an unreachable fractional capacity would leave (which CBC cannot close quickly).
-    div = int(np.gcd.reduce([s for _, _, s in sizes])) if sizes else 1
-    mem = pulp.LpAffineExpression([(x[l][j - a[l]], float(s // div)) for l, j, s in sizes])
-    if p.k_hi < L * int(N[:, -1].max()):
+    if p.kind == "adaptive" and formulation == "epigraph":
+        prob, extract, warm, n_int, n_cons = _model_epigraph(p, a, b)
+    else:
+        prob, extract, warm, n_int, n_cons = _model_runs(p, a, b)
+    if ub_k is not None:  # warm start from the greedy placement
+        warm(ub_k)
+    t_build = time.perf_counter() - t0
+    remaining = max(1.0, time_limit - t_build)
+    backend_solver, backend = _solver(solver, remaining, mip_gap)
+    if n_vars:
+        try:
+            if backend == "cbc" and ub_k is not None:
+                backend_solver.optionsDict["warmStart"] = True
+            prob.solve(backend_solver)
+        except pulp.PulpSolverError as e:
+            raise InfeasibleError(f"the MILP solver failed ({e})", "re-run with --solver cbc, or --debug") from None
+        status, sol = pulp.LpStatus[prob.status], prob.sol_status
+    else:
+        status, sol = "Optimal", pulp.LpSolutionOptimal
+    seconds = time.perf_counter() - t0
+
+    if sol in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        k = extract() if n_vars else a.copy()
+        n_hot = N[rows, k]
+        if not p.k_lo <= n_hot.sum() <= p.k_hi:
+            raise RuntimeError("solver returned a placement outside the budgets")
+        obj = float(p.value[rows, k].sum())
+        if ub_k is not None and ub < obj:  # keep the better of solver and incumbent
+            k, obj = ub_k, ub
+        solver_status = "optimal" if sol == pulp.LpSolutionOptimal else "feasible"
+        if not n_vars:  # the windows left one placement: the Lagrangian bound proves it optimal
+            bound = obj
+        else:
+            bound = max(lb, obj - mip_gap * abs(obj)) if solver_status == "optimal" else lb
+        bound = min(bound, obj)
+    elif prob.status == pulp.LpStatusInfeasible and ub_k is None:
+        raise InfeasibleError(
+            f"no {p.kind} placement meets both budgets at this group size: between {p.k_lo} and {p.k_hi} "
+            "hot neurons are needed, in whole groups per layer (and C_l where enforced)",
+            "raise --gpu-budget or --cpu-budget, or pass --group-size 1 (or --no-min-hot)")
+    elif ub_k is not None:  # time limit before the MILP found anything: the greedy placement, with its gap
+        k, obj, solver_status, bound = ub_k, ub, "heuristic", lb
+    else:
+        raise InfeasibleError(f"the {backend} solver found no {p.kind} placement within {time_limit:g} s "
+                              f"(status {status})", "raise --time-limit, or pass a larger --group-size")
+    sign = 1.0 if p.kind == "adaptive" else -1.0
+    return BlockSolution(
+        k=k, n_hot=N[rows, k], objective=obj, bound=bound, status=solver_status, backend=backend, seconds=seconds,
+        stats={"blocks": n_full, "free_blocks": n_vars, "int_vars": n_int, "constraints": n_cons,
+               "build_seconds": t_build,
+               "lagrangian_bound": sign * lb, "greedy_objective": sign * ub if np.isfinite(ub) else None,
+               "multiplier": nu, "pulp_status": status,
+               "formulation": formulation if p.kind == "adaptive" else "linear"})
+
+
+def _budget_rows(pulp, prob, p: BlockProblem, terms: list[tuple[Any, int]], fixed_n: int) -> int:
+    """GPU / CPU budget rows over (variable, neurons) terms. Block sizes share a divisor (the group size,
+    unless a layer ends in a partial group): dividing by it and rounding the right-hand sides inward is
+    exact for integer variables and closes the LP gap that an unreachable fractional capacity would leave
+    (which CBC cannot close quickly)."""
+    div = int(np.gcd.reduce([n for _, n in terms])) if terms else 1
+    mem = pulp.LpAffineExpression([(v, float(n // div)) for v, n in terms])
+    n = 0
+    L = p.blocks.bounds.shape[0]
+    if p.k_hi < L * int(p.blocks.bounds[:, -1].max()):
         prob += mem <= (p.k_hi - fixed_n) // div, "gpu_budget"
+        n += 1
     if p.k_lo > 0:
         prob += mem >= -((fixed_n - p.k_lo) // div), "cpu_budget"
-    n_cons = 2
+        n += 1
+    return n
+
+
+def _model_runs(p: BlockProblem, a: np.ndarray, b: np.ndarray):
+    """Incremental MILP (adaptive's default, and impact) over the windows, blocks merged into runs.
+
+    Block j of layer l costs value[l, j+1] − value[l, j] (impact: minus the frequency it serves). A run
+    of consecutive blocks with the same size and increment (ties in f; the GPU-bound stretch of a layer,
+    where every block adds the same GPU time) becomes one integer count y ∈ [0, run length]: only the
+    count matters inside a run, and the symmetric binaries that CBC would branch over disappear. Prefix
+    order across runs: a run may be used only once the run before it is full (a binary per long run).
+    """
+    import pulp
+
+    prob = pulp.LpProblem(f"hotcold_{p.kind}", pulp.LpMinimize)
+    new_var = getattr(prob, "add_variable", None) or pulp.LpVariable  # PuLP >= 3.3 attaches variables to the model
+    N = p.blocks.bounds
+    L = N.shape[0]
+    runs: list[list[tuple[int, int, int, Any, Any]]] = []  # per layer: (start, length, size, y, full flag)
+    mem_terms, obj_terms = [], []
+    const = float(p.value[np.arange(L), a].sum())
+    n_int = n_cons = 0
+    for l in range(L):
+        al, bl = int(a[l]), int(b[l])
+        d = np.diff(p.value[l, al: bl + 1])
+        sz = np.diff(N[l, al: bl + 1])
+        rl: list[tuple[int, int, int, Any, Any]] = []
+        j = 0
+        while j < bl - al:
+            e = j + 1
+            tol = 1e-12 * max(1.0, abs(float(d[j])))
+            while e < bl - al and sz[e] == sz[j] and abs(float(d[e] - d[j])) <= tol:
+                e += 1
+            length = e - j
+            y = new_var(f"y_{l}_{al + j}", lowBound=0, upBound=length, cat="Binary" if length == 1 else "Integer")
+            n_int += 1
+            obj_terms.append((y, float(d[j:e].sum()) / length))
+            mem_terms.append((y, int(sz[j])))
+            rl.append((al + j, length, int(sz[j]), y, None))
+            j = e
+        for r in range(len(rl) - 1):  # run r+1 only once run r is full
+            start, length, size, y, _ = rl[r]
+            y_next, len_next = rl[r + 1][3], rl[r + 1][1]
+            if length == 1:
+                prob += y_next <= len_next * y, f"prefix_{l}_{r}"
+                n_cons += 1
+            else:
+                full = new_var(f"full_{l}_{start}", lowBound=0, upBound=1, cat="Binary")
+                n_int += 1
+                prob += y >= length * full, f"full_{l}_{r}"
+                prob += y_next <= len_next * full, f"prefix_{l}_{r}"
+                rl[r] = (start, length, size, y, full)
+                n_cons += 2
+        runs.append(rl)
+    n_cons += _budget_rows(pulp, prob, p, mem_terms, int(N[np.arange(L), a].sum()))
+    prob += pulp.LpAffineExpression(obj_terms, constant=const)
+
+    def extract() -> np.ndarray:
+        k = a.copy()
+        for l, rl in enumerate(runs):
+            counts = [int(round(r[3].value() or 0.0)) for r in rl]
+            for r in range(len(rl) - 1):
+                if counts[r + 1] and counts[r] != rl[r][1]:
+                    raise RuntimeError(f"solver returned a non-prefix block set in layer {l}")
+            k[l] += sum(counts)
+        return k
+
+    def warm(ub_k: np.ndarray) -> None:
+        for l, rl in enumerate(runs):
+            for start, length, _, y, full in rl:
+                c = int(min(length, max(0, ub_k[l] - start)))
+                y.setInitialValue(c)
+                if full is not None:
+                    full.setInitialValue(1 if c == length else 0)
+
+    return prob, extract, warm, n_int, n_cons
+
+
+def _model_epigraph(p: BlockProblem, a: np.ndarray, b: np.ndarray):
+    """Adaptive MILP as design.md writes it: a binary per block, prefix rows, z_l ≥ T_gpu, z_l ≥ T_cpu."""
+    import pulp
+
+    prob = pulp.LpProblem("hotcold_adaptive", pulp.LpMinimize)
+    new_var = getattr(prob, "add_variable", None) or pulp.LpVariable
+    N = p.blocks.bounds
+    L = N.shape[0]
+    x = [[new_var(f"x_{l}_{j}", lowBound=0, upBound=1, cat="Binary") for j in range(a[l], b[l])] for l in range(L)]
+    n_cons = _budget_rows(pulp, prob, p, [(x[l][j - a[l]], int(N[l, j + 1] - N[l, j]))
+                                          for l in range(L) for j in range(a[l], b[l])], int(N[np.arange(L), a].sum()))
     obj_terms: list[tuple[Any, float]] = []
     const = 0.0
     for l in range(L):
@@ -276,19 +432,11 @@ def solve_blocks(p: BlockProblem, time_limit: float = 60.0, mip_gap: float = 1e-
         for j in range(len(xs) - 1):
             prob += xs[j + 1] <= xs[j], f"prefix_{l}_{j}"
             n_cons += 1
-        if p.kind == "impact":
-            const += float(p.served[l, al])
-            obj_terms += [(xs[j - al], float(p.served[l, j + 1] - p.served[l, j])) for j in range(al, bl)]
-            continue
         gpu, cpu = p.gpu[l], p.cpu[l]
-        # sync: paid unless the layer is all hot (its last block is hot)
-        if al == ml:
-            pass
-        elif bl == ml:
+        if al < ml:  # sync: paid unless the layer is all hot (its last block is hot)
             const += p.sync
-            obj_terms.append((xs[-1], -p.sync))
-        else:
-            const += p.sync
+            if bl == ml:
+                obj_terms.append((xs[-1], -p.sync))
         const += p.pre
         if not xs:
             const += float(max(gpu[al], cpu[al]) if p.overlap else gpu[al] + cpu[al])
@@ -306,57 +454,22 @@ def solve_blocks(p: BlockProblem, time_limit: float = 60.0, mip_gap: float = 1e-
             prob += z - g_expr + c_expr >= float(gpu[al] + cpu[al]), f"z_bus_{l}"
             n_cons += 1
     prob += pulp.LpAffineExpression(obj_terms, constant=const)
-    if ub_k is not None:  # warm start from the greedy placement
-        for l in range(L):
-            for j, v in enumerate(x[l]):
-                v.setInitialValue(1 if a[l] + j < ub_k[l] else 0)
-    t_build = time.perf_counter() - t0
-    remaining = max(1.0, time_limit - t_build)
-    backend_solver, backend = _solver(solver, remaining, mip_gap)
-    if n_vars:
-        try:
-            if backend == "cbc" and ub_k is not None:
-                backend_solver.optionsDict["warmStart"] = True
-            prob.solve(backend_solver)
-        except pulp.PulpSolverError as e:
-            raise InfeasibleError(f"the MILP solver failed ({e})", "re-run with --solver cbc, or --debug") from None
-        status, sol = pulp.LpStatus[prob.status], prob.sol_status
-    else:
-        status, sol = "Optimal", pulp.LpSolutionOptimal
-    seconds = time.perf_counter() - t0
 
-    if sol in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+    def extract() -> np.ndarray:
         k = a.copy()
         for l in range(L):
             vals = [round(v.value() or 0.0) for v in x[l]]
             if any(vals[j + 1] > vals[j] for j in range(len(vals) - 1)):
                 raise RuntimeError(f"solver returned a non-prefix block set in layer {l}")
             k[l] += sum(vals)
-        n_hot = N[rows, k]
-        if not p.k_lo <= n_hot.sum() <= p.k_hi:
-            raise RuntimeError("solver returned a placement outside the budgets")
-        obj = float(p.value[rows, k].sum())
-        if ub_k is not None and ub < obj:  # keep the better of solver and incumbent
-            k, obj = ub_k, ub
-        solver_status = "optimal" if sol == pulp.LpSolutionOptimal else "feasible"
-        bound = max(lb, obj - mip_gap * abs(obj)) if solver_status == "optimal" else lb
-        bound = min(bound, obj)
-    elif prob.status == pulp.LpStatusInfeasible and ub_k is None:
-        raise InfeasibleError(
-            f"no {p.kind} placement meets both budgets at this group size: between {p.k_lo} and {p.k_hi} "
-            "hot neurons are needed, in whole groups per layer (and C_l where enforced)",
-            "raise --gpu-budget or --cpu-budget, or pass --group-size 1 (or --no-min-hot)")
-    elif ub_k is not None:  # time limit before the MILP found anything: the greedy placement, with its gap
-        k, obj, solver_status, bound = ub_k, ub, "heuristic", lb
-    else:
-        raise InfeasibleError(f"the {backend} solver found no {p.kind} placement within {time_limit:g} s "
-                              f"(status {status})", "raise --time-limit, or pass a larger --group-size")
-    sign = 1.0 if p.kind == "adaptive" else -1.0
-    return BlockSolution(
-        k=k, n_hot=N[rows, k], objective=obj, bound=bound, status=solver_status, backend=backend, seconds=seconds,
-        stats={"binaries": n_vars, "binaries_full": n_full, "constraints": n_cons, "build_seconds": t_build,
-               "lagrangian_bound": sign * lb, "greedy_objective": sign * ub if np.isfinite(ub) else None,
-               "multiplier": nu, "pulp_status": status})
+        return k
+
+    def warm(ub_k: np.ndarray) -> None:
+        for l in range(L):
+            for j, v in enumerate(x[l]):
+                v.setInitialValue(1 if a[l] + j < ub_k[l] else 0)
+
+    return prob, extract, warm, len([v for xs in x for v in xs]), n_cons
 
 
 # ---- fixed -------------------------------------------------------------------------------------
@@ -375,8 +488,8 @@ def fixed_budget_tau(f: np.ndarray, k_hi: int) -> tuple[float | None, int]:
     return (float(flat[c - 1]) if c else None), c
 
 
-def frequency_order(f: np.ndarray) -> np.ndarray:
-    """Each row's indices sorted by f descending, ties by index ascending, [L, n] int32.
+def frequency_order(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's indices sorted by f descending, ties by index ascending ([L, n] int32), and f in that order.
 
     Fast path: one unstable sort of a unique integer key (float32 bits of f, then the index), checked
     against f in float64; a stable sort when the check fails (values closer than float32 resolves).
@@ -391,5 +504,6 @@ def frequency_order(f: np.ndarray) -> np.ndarray:
         fs = np.take_along_axis(f, order, axis=1)
         d = np.diff(fs, axis=1)
         if (d <= 0).all() and (np.diff(order, axis=1)[d == 0] > 0).all():
-            return order.astype(np.int32)
-    return np.argsort(-f, axis=1, kind="stable").astype(np.int32)
+            return order.astype(np.int32), fs
+    order = np.argsort(-f, axis=1, kind="stable")
+    return order.astype(np.int32), np.take_along_axis(f, order, axis=1)

@@ -28,10 +28,10 @@ RANK_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0
 
 def solve(profile, hardware: HardwareSpec | str | Path, policy: str = "adaptive", gpu_budget: int | str | None = None,
           cpu_budget: int | str | None = None, tau: float | None = None, group_size: int = 64,
-          cold_mode: str = "threshold", ctx_len: int | None = None, time_limit: float = 60.0, *,
+          cold_mode: str = "threshold", ctx_len: int | None = None, time_limit: float = 10.0, *,
           dtype: str | None = None, min_hot: bool | None = None, mip_gap: float = 1e-4, solver: str = "auto",
           phase: str = "decode", predictor_rank: int | None = None, gpu_sparse: bool = False, reduce: bool = True,
-          log: Callable[[str], None] = lambda s: None) -> Placement:
+          formulation: str = "incremental", log: Callable[[str], None] = lambda s: None) -> Placement:
     """Place `profile`'s neurons on `hardware` under the budgets with `policy`; nothing is written.
 
     hardware: a HardwareSpec, a preset name (pc-high, pc-low, h200) or a spec file from `hotcold calibrate`.
@@ -39,6 +39,7 @@ def solve(profile, hardware: HardwareSpec | str | Path, policy: str = "adaptive"
     reserve. tau: `fixed` only — hot iff f ≥ tau in every layer (else the global tau filling the budget).
     min_hot: enforce C_l (default: on for impact and adaptive, off for fixed, as PowerInfer ships it).
     ctx_len: context the KV cache is sized for and latency is modelled at (default: the model's maximum).
+    reduce / formulation: see policies.solve_blocks (the defaults are exact and fast).
     Save the result with `placement.save(dir)`.
     """
     if isinstance(hardware, (str, Path)):
@@ -52,16 +53,18 @@ def solve(profile, hardware: HardwareSpec | str | Path, policy: str = "adaptive"
     return solve_frequencies(f, cfg, hardware, policy=policy, gpu_budget=gpu_budget, cpu_budget=cpu_budget, tau=tau,
                              group_size=group_size, cold_mode=cold_mode, ctx_len=ctx_len, time_limit=time_limit,
                              dtype=dtype, min_hot=min_hot, mip_gap=mip_gap, solver=solver,
-                             predictor_rank=predictor_rank, gpu_sparse=gpu_sparse, reduce=reduce, log=log,
+                             predictor_rank=predictor_rank, gpu_sparse=gpu_sparse, reduce=reduce,
+                             formulation=formulation, log=log,
                              fingerprint=profile.fingerprint, profile_ref=profile_ref)
 
 
 def solve_frequencies(f: np.ndarray, cfg: ModelConfig, hw: HardwareSpec, policy: str = "adaptive",
                       gpu_budget: int | str | None = None, cpu_budget: int | str | None = None,
                       tau: float | None = None, group_size: int = 64, cold_mode: str = "threshold",
-                      ctx_len: int | None = None, time_limit: float = 60.0, *, dtype: str | None = None,
+                      ctx_len: int | None = None, time_limit: float = 10.0, *, dtype: str | None = None,
                       min_hot: bool | None = None, mip_gap: float = 1e-4, solver: str = "auto",
                       predictor_rank: int | None = None, gpu_sparse: bool = False, reduce: bool = True,
+                      formulation: str = "incremental",
                       log: Callable[[str], None] = lambda s: None, fingerprint: str = "unknown",
                       profile_ref: dict[str, Any] | None = None) -> Placement:
     """`solve` on a [n_layers, n_ff] frequency array instead of a Profile (tests, benchmarks, runtime)."""
@@ -90,13 +93,13 @@ def solve_frequencies(f: np.ndarray, cfg: ModelConfig, hw: HardwareSpec, policy:
     k_lo, k_hi = _neuron_bounds(cfg, cm, acct0, gpu_b, cpu_b)
     enforce = (policy != "fixed") if min_hot is None else bool(min_hot)
 
-    order = frequency_order(f)
-    f_sorted = np.take_along_axis(f, order.astype(np.int64), axis=1)
+    order, f_sorted = frequency_order(f)
     pc = ProfileCosts(cm, f_sorted)
     c_l = pc.min_hot()
     nb = cm.neuron.total
     params: dict[str, Any] = {"tau": tau, "group_size": group_size, "min_hot": enforce, "mip_gap": mip_gap,
-                              "time_limit": time_limit, "solver": solver, "reduce": reduce}
+                              "time_limit": time_limit, "solver": solver, "reduce": reduce,
+                              "formulation": formulation if policy == "adaptive" else None}
 
     if policy == "fixed":
         if tau is not None:
@@ -124,7 +127,7 @@ def solve_frequencies(f: np.ndarray, cfg: ModelConfig, hw: HardwareSpec, policy:
         blocks = make_blocks(cfg.n_layers, cfg.n_ff, group_size, c_l if enforce else None)
         build = adaptive_problem if policy == "adaptive" else impact_problem
         sol = solve_blocks(build(pc, blocks, k_lo, k_hi), time_limit=time_limit, mip_gap=mip_gap, solver=solver,
-                           reduce=reduce, log=log)
+                           reduce=reduce, formulation=formulation, log=log)
         n_hot = sol.n_hot
         sign = 1.0 if policy == "adaptive" else -1.0
         solver_info = {"status": sol.status, "objective": sign * sol.objective, "bound": sign * sol.bound,
