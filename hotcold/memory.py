@@ -287,7 +287,7 @@ def parse_bytes(text: str | int | float, what: str = "size") -> int:
             raise InputError(f"cannot read {what} {text!r}",
                              "write a number of bytes with an optional unit: 24GiB, 48GB, 512MiB, 1000000")
     if value < 0:
-        raise InputError(f"{what} {text!r} is negative", "pass a size of zero or more")
+        raise InputError(f"{what} {text!r} is negative", "pass a size of zero or more, such as 24GiB")
     return int(round(value * _UNITS[unit]))
 
 

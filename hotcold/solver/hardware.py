@@ -246,7 +246,7 @@ def calibrate(dtype: str | None = None, seconds: float = 40.0, threads: int | No
     m["cpu_linear_GBps"] = nbytes / t_lin / 1e9
     log(f"CPU: read {m['cpu_read_GBps']:.1f} GB/s, {dtype} matrix-vector {m['cpu_linear_GBps']:.1f} GB/s")
     cpu_bw = m["cpu_linear_GBps"] * 1e9  # what the runtime's cold-neuron kernel does
-    del w
+    w = None  # free the working set before the GPU measurements
 
     cpu = CpuSpec(name=platform.processor() or platform.machine(), memory_bytes=ram, bandwidth=cpu_bw,
                   threads=n_threads, reserve_bytes=min(4 * GiB, ram // 8))
@@ -276,7 +276,7 @@ def calibrate(dtype: str | None = None, seconds: float = 40.0, threads: int | No
             t = _median_time(lambda: F.linear(gx, gw.index_select(0, idx)), 20, sync, deadline)
             sparse[str(frac)] = idx.numel() * gw.shape[1] * gw.element_size() / t / 1e9
         m["gpu_sparse_GBps"] = sparse
-        del gw
+        gw = None
         host = torch.empty(256 * 2**20, dtype=torch.uint8).pin_memory()
         devbuf = torch.empty_like(host, device=dev)
         t_h2d = _median_time(lambda: devbuf.copy_(host, non_blocking=True), 10, sync, deadline)
