@@ -79,10 +79,14 @@ def summary_text(placements: list[Placement]) -> list[str]:
         if hi["layer"] != lo["layer"]:
             txt += (f"Layer {hi['layer']} has {hi['hot_fraction']:.0%} of its neurons hot and layer {lo['layer']} "
                     f"{lo['hot_fraction']:.0%}: layer {hi['layer']} — {why(p, hi)}; layer {lo['layer']} — {why(p, lo)}. ")
-        if regimes.get("balanced", 0) + regimes.get("gpu-bound", 0) > 0:
+        if regimes.get("balanced", 0):
             txt += ("In balanced layers the cut sits where the hot rows, read densely on the GPU, take as long as the "
                     "cold neurons on the CPU; a layer whose neurons fire more often (higher mean f) leaves more CPU "
                     "work per cold neuron and so balances with more of them hot. ")
+        if regimes.get("gpu-bound", 0):
+            txt += (f"{regimes['gpu-bound']} layers are GPU-bound: their hot rows take longer than the cold neurons "
+                    "left on the CPU, so part of their GPU memory would serve CPU-bound layers better (a per-layer "
+                    "threshold can move it; one global τ cannot). ")
         if regimes.get("cpu-bound", 0) == len(layers):
             txt += ("Every layer is CPU-bound, so minimising latency is the same as maximising the activations the "
                     "GPU serves: one global frequency threshold is optimal here and fixed, impact and adaptive agree "
