@@ -108,16 +108,19 @@ def summary_text(placements: list[Placement]) -> list[str]:
 def comparison_table(placements: list[Placement]):
     from rich.table import Table
 
-    t = Table(title="placements", show_lines=False)
-    for col in ("policy", "status", "gap", "solve s", "GPU", "GPU budget", "CPU", "CPU budget", "hot", "GPU share",
-                "ms/token"):
-        t.add_column(col, justify="right" if col not in ("policy", "status") else "left")
+    t = Table(title="placements")
+    for col in CMP_HEAD_TERM:
+        t.add_column(col, justify="left" if col in ("policy", "status") else "right", no_wrap=col in ("policy", "status", "ms/token"))
     for p in placements:
         s, tot, b = p.manifest["solver"], p.totals, p.manifest["budgets"]
-        t.add_row(label(p), s["status"], f"{s['gap']:.2g}", f"{s['seconds']:.2f}", format_bytes(tot["gpu_bytes"]),
-                  format_bytes(b["gpu_bytes"]), format_bytes(tot["cpu_bytes"]), format_bytes(b["cpu_bytes"]),
+        t.add_row(label(p), s["status"], f"{s['gap']:.1g}", f"{s['seconds']:.2f}",
+                  f"{format_bytes(tot['gpu_bytes'])} / {format_bytes(b['gpu_bytes'])}",
+                  f"{format_bytes(tot['cpu_bytes'])} / {format_bytes(b['cpu_bytes'])}",
                   f"{tot['hot_fraction']:.1%}", f"{tot['gpu_share']:.1%}", f"{tot['modelled_ms_per_token']:.2f}")
     return t
+
+
+CMP_HEAD_TERM = ["policy", "status", "gap", "s", "GPU / budget", "CPU / budget", "hot", "GPU share", "ms/token"]
 
 
 def layer_table(p: Placement):
