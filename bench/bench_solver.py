@@ -9,6 +9,10 @@ the reduction's value and that both give the same optimum.
 
     python bench/bench_solver.py [--out bench/bench_solver.json] [--repeat 3] [--no-full]
 
+Restricted to 2 cores of an idle machine (the JSON records `cpus_usable`):
+
+    PYTHONPATH=. taskset -c 0,1 python bench/bench_solver.py --out bench/bench_solver_h200host_2cores.json
+
 The profile is synthetic (hotcold.solver.synth: per-layer log-normal frequencies, 65536 tokens).
 """
 
@@ -102,7 +106,8 @@ def main() -> None:
         "benchmark": "solver at LLaMA-70B shape",
         "command": " ".join(["python"] + sys.argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+                    "python": platform.python_version(),
                     "numpy": np.__version__, "pulp": pulp.__version__,
                     "solvers": pulp.listSolvers(onlyAvailable=True)},
         "model": {"shape": cfg.name, "n_layers": cfg.n_layers, "n_ff": cfg.n_ff, "dtype": "float16", "ctx_len": 4096},

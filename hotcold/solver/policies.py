@@ -214,7 +214,7 @@ def windows(p: BlockProblem, nu: float, slack: float) -> tuple[np.ndarray, np.nd
 def _solver(name: str, time_limit: float, mip_gap: float):
     import pulp
 
-    threads = os.cpu_count() or 1
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if name in ("auto", "highs"):
         highs = pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=mip_gap, threads=threads)
         if highs.available():
