@@ -83,14 +83,17 @@ def _write(path: str, text: str) -> str | None:
     return None
 
 
-def _make_readonly() -> str | None:
-    """Every mount read-only and nosuid. mount_setattr (Linux >= 5.12) in one call, else remount each."""
-    attr = MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
-    r = libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), b"/",
-                     ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
-    if r == 0:
-        return None
-    first = _errno_msg()
+def _make_readonly(use_setattr: bool = True) -> str | None:
+    """Every mount read-only and nosuid: mount_setattr (Linux >= 5.12) in one call, else (or when
+    `use_setattr` is False, which the tests use to check this path) one remount per mount."""
+    first = "not tried"
+    if use_setattr:
+        attr = MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
+        r = libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), b"/",
+                         ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+        if r == 0:
+            return None
+        first = _errno_msg()
     keep = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
             "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
     failed = []
@@ -148,6 +151,23 @@ def _hide_homes(workdir: str, extra: list[str]) -> tuple[list[str], str | None]:
                 os.close(fd)
         hidden.append(home)
     return hidden, None
+
+
+def _unreachable_python() -> str | None:
+    """The first directory on the way to this Python's files that other users cannot search, if any
+    (as seen from the current mount namespace, after the homes were hidden and Python bound back)."""
+    for p in {sys.prefix, sys.base_prefix, *[q for q in sys.path if q and os.path.exists(q)]}:
+        d = os.path.realpath(p)
+        while True:
+            try:
+                if not os.stat(d).st_mode & 0o001:
+                    return d
+            except OSError:
+                return d
+            if d == "/":
+                break
+            d = os.path.dirname(d)
+    return None
 
 
 def _count_uid_processes(uid: int) -> int:
@@ -237,14 +257,14 @@ def main() -> None:
         missing.append("namespaces: disabled by the caller")
 
     if nsflags & CLONE_NEWNS:
-        err = _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        err = _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates to the host
         if err is None:
             hidden, herr = _hide_homes(workdir, job.get("hide", []))
-            (missing.append(f"hide-homes: {herr}") if herr else applied.append("hide-homes:" + ",".join(hidden)))
-        if err is None and not job.get("force_remount"):
-            err = _make_readonly()
-        elif err is None:
-            err = _make_readonly_remount_only()
+            if herr:
+                missing.append(f"hide-homes: {herr}")
+            else:
+                applied.append("hide-homes:" + ",".join(hidden))
+            err = _make_readonly(use_setattr=not job.get("force_remount"))
         if err is None:
             applied.append("fs-readonly")
         else:
@@ -261,6 +281,16 @@ def main() -> None:
         missing.append("fs-readonly: no mount namespace")
     if not nsflags & CLONE_NEWNET:
         missing.append("netns: network is reachable")
+
+    if drop_uid:
+        hidden_python = _unreachable_python()
+        if hidden_python:
+            emit({"kind": "sandbox_error",
+                  "error": (f"the sandbox uid cannot read the Python installation ({hidden_python} is not "
+                            "world-searchable), and without a mount namespace it cannot be made visible"),
+                  "fix": ("install Python where other users can read it (/usr, /opt), allow namespaces, or use "
+                          "Sandbox(drop_uid=False) to run the code as root (unsafe)")})
+            sys.exit(EXIT_SANDBOX_ERROR)
 
     nproc_base = 0
     if not drop_uid:  # RLIMIT_NPROC counts every process of the uid; leave room for the caller's own
@@ -309,16 +339,6 @@ def main() -> None:
     sys.exit(0 if sig is None else 128 + sig)
 
 
-def _make_readonly_remount_only() -> str | None:
-    """The pre-5.12 path alone (tests force it to check that it works here too)."""
-    global SYS_MOUNT_SETATTR
-    saved, SYS_MOUNT_SETATTR = SYS_MOUNT_SETATTR, -1
-    try:
-        return _make_readonly()
-    finally:
-        SYS_MOUNT_SETATTR = saved
-
-
 def _child(job, report_fd, nsflags, drop_uid, userns, nproc_base) -> None:
     applied: list[str] = []
     missing: list[str] = []
@@ -330,14 +350,18 @@ def _child(job, report_fd, nsflags, drop_uid, userns, nproc_base) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if nsflags & CLONE_NEWPID and nsflags & CLONE_NEWNS:
         err = _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        (missing.append(f"proc: {err}") if err else applied.append("proc"))
+        if err:
+            missing.append(f"proc: {err}")
+        else:
+            applied.append("proc")
 
     lim = job["limits"]
     cpu = int(lim["cpu_s"])
     mem = int(lim["memory_mb"]) << 20
     fsize = int(lim["disk_mb"]) << 20
     for name, which, soft, hard in (("core", resource.RLIMIT_CORE, 0, 0),
-                                    ("cpu", resource.RLIMIT_CPU, cpu, cpu),  # hard = soft: SIGKILL (PID 1 ignores SIGXCPU)
+                                    # hard = soft: SIGKILL at the limit (PID 1 of a namespace ignores SIGXCPU)
+                                    ("cpu", resource.RLIMIT_CPU, cpu, cpu),
                                     ("as", resource.RLIMIT_AS, mem, mem),
                                     ("fsize", resource.RLIMIT_FSIZE, fsize, fsize),
                                     ("nofile", resource.RLIMIT_NOFILE, lim["nofile"], lim["nofile"]),

@@ -133,7 +133,7 @@ class Sandbox:
     tmp_dir: str | None = None  # where working directories are made (default: tempfile's)
 
     def run(self, code: str, tests: Sequence[str], setup_code: str = "", task_id: str | None = None) -> SandboxResult:
-        return _run(self, code, list(tests), setup_code, task_id, force_remount=False)
+        return _run(self, code, list(tests), setup_code, task_id)
 
 
 def run_tests(code: str, tests: Sequence[str], setup_code: str = "", *, limits: SandboxLimits | None = None,
@@ -158,7 +158,8 @@ def pass_at_1(tasks: Sequence[Any], completions: Sequence[str], workers: int = 2
               include_challenge: bool = False,
               on_result: Callable[[SandboxResult], None] | None = None) -> PassReport:
     """Score one completion per task. With `extract`, the code is first pulled out of the model's
-    answer (quality.extract.extract_code). `on_result` is called as each run finishes (progress bars)."""
+    answer (quality.extract.extract_code). `on_result` is called, from the worker threads, as each run
+    finishes (progress bars). Results are in task order."""
     if len(tasks) != len(completions):
         raise ValueError(f"{len(tasks)} tasks but {len(completions)} completions")
     if workers < 1:
@@ -287,50 +288,49 @@ def _tail(f, chars: int = TAIL_CHARS) -> str:
     return f.read().decode("utf-8", "replace")[-chars:]
 
 
-def _run(box: Sandbox, code: str, tests: list[str], setup_code: str, task_id: str | None,
-         force_remount: bool) -> SandboxResult:
+def _run(box: Sandbox, code: str, tests: list[str], setup_code: str, task_id: str | None, *,
+         force_remount: bool = False) -> SandboxResult:
     lim = box.limits
-    workdir = tempfile.mkdtemp(prefix="hotcold-sandbox-", dir=_workdir_parent(box))
-    rfd, wfd = os.pipe()
-    t0 = time.perf_counter()
-    timed_out = False
-    try:
-        with _sandbox_uid(box.drop_uid) as uid, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errf:
-            if uid is not None:
-                os.chown(workdir, uid, uid)
-            job = {"report_fd": wfd, "workdir": workdir, "uid": uid, "gid": uid, "namespaces": box.namespaces,
-                   "hide": [os.path.expanduser("~")],
-                   "force_remount": force_remount, "code": code, "tests": tests, "setup_code": setup_code or "",
-                   "disk_mb": lim.disk_mb,
-                   "limits": {"cpu_s": lim.resolved_cpu_s(), "memory_mb": lim.memory_mb, "disk_mb": lim.disk_mb,
-                              "nproc": lim.nproc, "nofile": lim.nofile}}
-            try:
-                proc = subprocess.Popen([box.python, "-S", "-B", "-c", _runner_source()], stdin=subprocess.PIPE,
-                                        stdout=out, stderr=errf, pass_fds=(wfd,), cwd=workdir, env=_env(workdir),
-                                        start_new_session=True)
-            except OSError as e:
-                raise SandboxError(f"cannot start the sandbox interpreter {box.python}: {e.strerror}",
-                                   "check that Python is installed where sys.executable points") from None
+    parent = _workdir_parent(box)
+    with contextlib.ExitStack() as stack:
+        workdir = tempfile.mkdtemp(prefix="hotcold-sandbox-", dir=parent)
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        uid = stack.enter_context(_sandbox_uid(box.drop_uid))
+        out = stack.enter_context(tempfile.TemporaryFile())
+        errf = stack.enter_context(tempfile.TemporaryFile())
+        rfd, wfd = os.pipe()  # the report channel: JSON lines from the runner and the candidate
+        stack.callback(os.close, rfd)
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        job = {"report_fd": wfd, "workdir": workdir, "uid": uid, "gid": uid, "namespaces": box.namespaces,
+               "hide": [os.path.expanduser("~")], "force_remount": force_remount,
+               "code": code, "tests": tests, "setup_code": setup_code or "", "disk_mb": lim.disk_mb,
+               "limits": {"cpu_s": lim.resolved_cpu_s(), "memory_mb": lim.memory_mb, "disk_mb": lim.disk_mb,
+                          "nproc": lim.nproc, "nofile": lim.nofile}}
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.Popen([box.python, "-S", "-B", "-c", _runner_source()], stdin=subprocess.PIPE,
+                                    stdout=out, stderr=errf, pass_fds=(wfd,), cwd=workdir, env=_env(workdir),
+                                    start_new_session=True)
+        except OSError as e:
+            raise SandboxError(f"cannot start the sandbox interpreter {box.python}: {e.strerror}",
+                               "check that Python is installed where sys.executable points") from None
+        finally:
             os.close(wfd)
-            wfd = -1
-            try:
-                with contextlib.suppress(BrokenPipeError):
-                    proc.stdin.write(json.dumps(job).encode())
-                    proc.stdin.close()
-                _wait(proc, lim.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                if proc.poll() is None:
-                    _stop(proc)
-            seconds = time.perf_counter() - t0
-            lines = _read_report(rfd)
-            stderr_tail, stdout_tail = _tail(errf), _tail(out, TAIL_CHARS // 2)
-    finally:
-        if wfd >= 0:
-            os.close(wfd)
-        os.close(rfd)
-        shutil.rmtree(workdir, ignore_errors=True)
+        timed_out = False
+        try:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(json.dumps(job).encode())
+                proc.stdin.close()
+            _wait(proc, lim.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            if proc.poll() is None:  # the timeout, or the caller interrupted us
+                _stop(proc)
+        seconds = time.perf_counter() - t0
+        lines = _read_report(rfd)
+        stderr_tail, stdout_tail = _tail(errf), _tail(out, TAIL_CHARS // 2)
     return _classify(box, lines, proc.returncode, timed_out, seconds, stderr_tail, stdout_tail, task_id)
 
 
@@ -388,8 +388,9 @@ def _classify(box: Sandbox, lines: list[dict], returncode: int, timed_out: bool,
     for obj in lines:
         by_kind.setdefault(obj["kind"], obj)  # the first of each kind: the runner's, written before the candidate's
     if "sandbox_error" in by_kind and "result" not in by_kind:
-        raise SandboxError(f"the sandbox could not start: {by_kind['sandbox_error'].get('error')}",
-                           "see docs/sandbox.md; run as root or enable unprivileged user namespaces")
+        bad = by_kind["sandbox_error"]
+        raise SandboxError(f"the sandbox could not start: {bad.get('error')}",
+                           bad.get("fix") or "see docs/sandbox.md; run as root or enable unprivileged user namespaces")
     iso = by_kind.get("isolation", {})
     res = by_kind.get("result")
     ext = by_kind.get("exit", {})
@@ -414,10 +415,12 @@ def _classify(box: Sandbox, lines: list[dict], returncode: int, timed_out: bool,
             detail = f"{res['stage']}: {detail}"
         return SandboxResult(status == "pass", status, detail, **common)
     # RLIMIT_CPU kills with SIGKILL (soft = hard); rusage rounds differently from the kernel's check
-    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu is not None and cpu >= 0.9 * box.limits.resolved_cpu_s()):
-        return SandboxResult(False, "timeout", f"CPU-time limit of {box.limits.resolved_cpu_s()} s", **common)
+    cpu_limit = box.limits.resolved_cpu_s()
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu is not None and cpu >= 0.9 * cpu_limit):
+        return SandboxResult(False, "timeout", f"CPU-time limit of {cpu_limit} s", **common)
     if sig is not None:
-        return SandboxResult(False, "error", f"killed by {signal.Signals(sig).name}", **common)
+        name = signal.Signals(sig).name if sig in signal.valid_signals() else f"signal {sig}"
+        return SandboxResult(False, "error", f"killed by {name}", **common)
     if not ext:
         return SandboxResult(False, "error", f"the sandbox runner exited with status {returncode} and no report",
                              **common)

@@ -246,7 +246,8 @@ def load_jsonl_prompts(path: str | os.PathLike, strict: bool = False) -> tuple[l
             tid = f"jsonl/{raw_id}"
             if tid in ids:
                 raise ValueError(f"duplicate id {raw_id!r}")
-            tests = _str_list(rec, "tests") if "tests" in rec else _str_list(rec, "test_list") if "test_list" in rec else []
+            tests_key = "tests" if "tests" in rec else "test_list" if "test_list" in rec else None
+            tests = _str_list(rec, tests_key) if tests_key else []
             code = rec.get("code")
             if code is not None and not isinstance(code, str):
                 raise ValueError("code must be a string")
