@@ -120,7 +120,7 @@ class PassReport:
                 "seconds": self.seconds, "results": [r.to_dict() for r in self.results]}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sandbox:
     """How runs are contained. `namespaces=False` or `drop_uid=False` turn those layers off (for
     comparison); `require_isolation=True` refuses to run where network or filesystem isolation is missing."""
