@@ -538,6 +538,8 @@ def _run(src: WeightSource, seqs: list[PromptTokens], opts: ProfileOptions, ctx:
 
     calibration_s = 0.0
     calib_meta: dict[str, Any] | None = None
+    if not opts.stream:
+        engine.model  # noqa: B018 - load the weights now, so that calibration time is calibration alone
     with torch.inference_mode():
         # ---- thresholds
         thresholds: list[float] | None
