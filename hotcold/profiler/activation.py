@@ -109,8 +109,9 @@ def hist_index(abs_a: torch.Tensor, lo: float = HIST_LO, hi: float = HIST_HI, bi
     """Histogram bin of each |a| (flattened, int64): 0 below lo (zeros included), 1..bins log-spaced as
     artifact.hist_edges, bins + 1 at or above hi."""
     scale = bins / math.log10(hi / lo)
-    idx = abs_a.log10().sub_(math.log10(lo)).mul_(scale).floor_().clamp_(-1, bins)
-    return idx.nan_to_num_(nan=-1.0).to(dtype=_int64()).add_(1).reshape(-1)
+    # 1 + (log10|a| - log10 lo) * scale, clamped to [0, bins + 1]: non-negative, so truncation is floor
+    idx = abs_a.log10().mul_(scale).add_(1.0 - math.log10(lo) * scale).clamp_(0, bins + 1)
+    return idx.nan_to_num_(nan=0.0).to(dtype=_int64()).reshape(-1)
 
 
 def _int64():

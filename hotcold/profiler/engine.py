@@ -240,9 +240,11 @@ class Checkpoint:
             return None
         if not self.file.is_file():
             others = sorted(p.name for p in self.dir.glob("rank*-of-*.safetensors")) if self.dir.is_dir() else []
-            if others and self.ctx.world > 1 and not any(f"-of-{self.ctx.world}." in n for n in others):
+            if others and not any(n.endswith(f"-of-{self.ctx.world}.safetensors") for n in others):
                 raise InputError(f"checkpoint {self.dir} was written by a run with another number of processes "
-                                 f"({others[0]})", "re-run with the same --nproc-per-node, or pass --no-resume")
+                                 f"({others[0]}; this run has {self.ctx.world})",
+                                 "re-run with the same number of processes (torchrun --nproc-per-node), "
+                                 "or pass --no-resume to start over")
             return None
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
