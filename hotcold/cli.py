@@ -28,6 +28,7 @@ STAGES = (
     "hotcold.solver.cli",
     "hotcold.exporter.cli",
     "hotcold.runtime.cli",
+    "hotcold.accel.cli",
     "hotcold.study.cli",
 )
 

@@ -1,0 +1,1 @@
+"""The study (design.md §6) and the demo: fixed vs adaptive vs dynamic placements, measured end to end."""

@@ -1,0 +1,151 @@
+"""The study's report: results.csv, report.md (with PNG plots beside it) and a self-contained report.html."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+# (key, short header for the terminal, full header for the reports)
+COLUMNS = [
+    ("name", "run", "run (policy@budget)"), ("gpu_bytes", "GPU MiB", "GPU memory (MiB)"),
+    ("n_hot_fraction", "hot", "neurons on GPU"), ("modelled_ms_per_token", "model ms", "modelled ms/token"),
+    ("measured_decode_ms_per_token", "meas ms", "measured ms/token (decode)"),
+    ("gpu_share_of_active", "GPU act", "GPU share of activated neurons"),
+    ("agreement", "agree", "next-token agreement"), ("kl", "KL", "KL (nats)"), ("perplexity", "ppl", "perplexity"),
+    ("pass_at_1", "pass@1", "pass@1"),
+]
+
+
+def fmt(key: str, v: Any) -> str:
+    if v is None:
+        return "—"
+    if key == "gpu_bytes":
+        return f"{v / 2**20:.1f}"
+    if key in ("n_hot_fraction", "gpu_share_of_active", "pass_at_1"):
+        return f"{100 * v:.1f}%"
+    if key in ("agreement",):
+        return f"{v:.3f}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    return [[fmt(k, r.get(k)) for k, _, _ in COLUMNS] for r in results["runs"]]
+
+
+def write_csv(results: dict[str, Any], path: Path) -> None:
+    runs = results["runs"]
+    keys = [k for k in runs[0] if k != "taus"] if runs else []
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in runs:
+            w.writerow(r)
+
+
+def plots(results: dict[str, Any]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    policies = sorted({r["policy"] for r in runs})
+    out: dict[str, bytes] = {}
+
+    def save(fig, name: str) -> None:
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        out[name] = buf.getvalue()
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for pol in policies:
+        rs = sorted((r for r in runs if r["policy"] == pol), key=lambda r: r["gpu_bytes"])
+        x = [r["gpu_bytes"] / 2**20 for r in rs]
+        ax[0].plot(x, [r["measured_decode_ms_per_token"] for r in rs], "o-", label=f"{pol} (measured)")
+        ax[0].plot(x, [r["modelled_ms_per_token"] for r in rs], "x--", alpha=0.6, label=f"{pol} (modelled)")
+        ax[1].plot(x, [r["agreement"] for r in rs], "o-", label=pol)
+    dense = results.get("dense", {})
+    if dense.get("measured_decode_ms_per_token"):
+        ax[0].axhline(dense["measured_decode_ms_per_token"], color="k", lw=0.8, ls=":", label="dense (measured)")
+    ax[0].set_xlabel("GPU memory of the placement (MiB)")
+    ax[0].set_ylabel("ms / token (decode)")
+    ax[0].set_title("Latency vs GPU memory per policy")
+    ax[0].legend(fontsize=7)
+    ax[1].set_xlabel("GPU memory of the placement (MiB)")
+    ax[1].set_ylabel("next-token agreement with dense")
+    ax[1].set_title("Quality vs GPU memory")
+    ax[1].legend(fontsize=7)
+    save(fig, "pareto.png")
+
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    for r in runs:
+        taus = [t if t is not None else float("nan") for t in r["taus"]]
+        ax.plot(range(len(taus)), taus, marker=".", label=r["name"])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("τ_l (frequency threshold)")
+    ax.set_title("Per-layer hotness threshold τ_l of each placement")
+    ax.legend(fontsize=6, ncol=3)
+    save(fig, "tau_per_layer.png")
+    return out
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    cfg = results["config"]
+    d = results["dense"]
+    lines = [
+        f"Model: `{results['model']['source']}`; profile: {cfg['dataset']} {cfg['profile_split']} "
+        f"({cfg['profile_limit']} prompts, {cfg['profile_mode']}, {results['profile']['token_count']} tokens); "
+        f"evaluation: {cfg['dataset']} {cfg['eval_split']} ({cfg['eval_limit']} prompts, teacher-forced on the reference solutions).",
+        f"Activation sparsity target {cfg['sparsity']} ({cfg['thresholds']} thresholds), cold neurons found by "
+        f"`{cfg['cold_mode']}`, weights {cfg['dtype']}, hardware `{results['hardware']['name']}`.",
+        f"Dense reference: {d['measured_decode_ms_per_token']:.2f} ms/token decode, perplexity {d['perplexity']:.3f}"
+        + (f", pass@1 {100 * d['pass_at_1']:.1f}%" if d.get("pass_at_1") is not None else "") + ".",
+    ]
+    hw = results["hardware"]
+    lines.append(f"Modelled ms/token are the cost model's for `{hw['name']}` ({hw.get('source', '')}); measured "
+                 f"ms/token are this run's on `{results.get('device', 'cpu')}`"
+                 + (" where the GPU side runs on the CPU too, so the two sides' work adds up instead of overlapping."
+                    if results.get("device", "cpu") == "cpu" else "."))
+    return lines
+
+
+def write_reports(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    out = Path(out)
+    write_csv(results, out / "results.csv")
+    imgs = plots(results)
+    for name, data in imgs.items():
+        (out / name).write_bytes(data)
+    head = [h for _, _, h in COLUMNS]
+    cmd = results.get("command", "")
+    md = ["# hotcold study", "", *summary_lines(results), "", _md_table(head, table_rows(results)), "",
+          "![latency and quality vs GPU memory](pareto.png)", "", "![per-layer tau](tau_per_layer.png)", "",
+          "Reproduce:", "", "```", cmd, "```", ""]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md))
+    body = [f"<h1>hotcold study</h1>"] + [f"<p>{html.escape(s)}</p>" for s in summary_lines(results)]
+    body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(results))
+                + "</table>")
+    for name, data in imgs.items():
+        body.append(f'<p><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}"></p>')
+    body.append(f"<p>Reproduce:</p><pre>{html.escape(cmd)}</pre>")
+    html_path = out / "report.html"
+    html_path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>hotcold study</title><style>"
+                         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+                         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"
+                         + "\n".join(body) + "</body></html>\n")
+    return md_path, html_path
