@@ -172,6 +172,12 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
     from hotcold.solver.solve import solve
     from hotcold.workloads import load_dataset
 
+    for pol in cfg.policies:  # fail on a bad definition before any work
+        parse_policy(pol)
+    for b in cfg.budgets:
+        parse_budget(b, 0, 0)
+    if not cfg.policies or not cfg.budgets:
+        raise InputError("the study has no policies or no budgets", "pass --policies and --budgets")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     step = progress or (lambda what, i, n: None)
