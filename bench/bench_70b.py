@@ -1,0 +1,142 @@
+"""The LLaMA-70B-shaped benchmark on the GPU machine: environment, kernel calibration, then `hotcold bench`.
+
+    # here (CPU machine): map the profiles and solve the placements (needs pulp), into an ignored folder
+    PYTHONPATH=. python bench/bench_70b.py --prepare bench/.cache/plc --profile bench/.cache/prof/mbpp --shift-profile bench/.cache/prof/prose
+
+    # on the GPU machine (carry bench/.cache):
+    PYTHONPATH=. python bench/bench_70b.py --out $OUT --profile bench/.cache/prof/mbpp --shift-profile bench/.cache/prof/prose \
+        --placements bench/.cache/plc
+
+Writes calib.json (device numbers + cold-kernel table), hw_measured.json (a HardwareSpec) and
+bench_70b.json (every run, with the command) to --out; each is rewritten as results arrive.
+Random weights, generated on the device; results per layer extrapolated to 80 layers, labelled so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+
+def log(s: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)
+
+
+def env() -> dict:
+    import torch
+
+    e = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+         "cuda_available": torch.cuda.is_available(), "cpu_count": os.cpu_count(), "machine": platform.machine()}
+    try:
+        import numba
+
+        e["numba"] = numba.__version__
+        e["numba_threads"] = numba.get_num_threads()
+        e["numba_threading_layer_config"] = numba.config.THREADING_LAYER
+    except ImportError:
+        e["numba"] = None
+    for cmd, key in ((["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem",
+                       "--format=csv,noheader"], "nvidia_smi"), (["lscpu"], "lscpu"), (["free", "-g"], "free")):
+        try:
+            e[key] = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()[:3000]
+        except (OSError, subprocess.TimeoutExpired) as ex:
+            e[key] = f"unavailable: {ex}"
+    return e
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--profile")
+    ap.add_argument("--shift-profile")
+    ap.add_argument("--placements", help="folder with fixed/ and adaptive/ Placement dirs (else solved here)")
+    ap.add_argument("--prepare", help="only map the workload and solve the placements into this folder")
+    ap.add_argument("--shape", default="llama2-70b")
+    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--gpu-budget-gb", type=float, default=48.0)
+    ap.add_argument("--cold-density", type=float, default=0.10)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--dyn-tokens", type=int, default=192)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--skip-calib", action="store_true")
+    ap.add_argument("--calib-only", action="store_true")
+    ap.add_argument("--hardware", default="h200")
+    ap.add_argument("--runs", default="dense-gpu,layer-split,stream,hotcold-fixed,hotcold-adaptive,hotcold-dynamic,threshold")
+    ap.add_argument("--cpu-threads", type=int)
+    a = ap.parse_args()
+    from hotcold.accel.bench import BenchOptions, prepare, run_bench, save_json
+    from hotcold.memory import default_predictor_rank
+    from hotcold.model.config import shape
+    from hotcold.solver.hardware import resolve
+
+    profiles = [p for p in (a.profile, a.shift_profile) if p]
+    opts = BenchOptions(shape=a.shape, n_layers=a.layers, gpu_budget_full=int(a.gpu_budget_gb * 1e9), cold_density=a.cold_density,
+                        tokens=a.tokens, dyn_tokens=a.dyn_tokens, max_len=a.max_len, profiles=profiles,
+                        hardware=a.hardware, runs=tuple(a.runs.split(",")), cpu_threads=a.cpu_threads, log=log)
+    if a.prepare:
+        cfg = shape(opts.shape).replace(n_layers=opts.n_layers, max_seq_len=max(opts.max_len, 64))
+        hw = resolve(preset_name=a.hardware) if not a.hardware.endswith(".json") else resolve(path=a.hardware)
+        res: dict = {}
+        prep = prepare(opts, cfg, "float16", hw, default_predictor_rank(cfg), res)
+        for pol, p in prep["placements"].items():
+            p.save(Path(a.prepare) / pol)
+        print(json.dumps(res, indent=1, default=str)[:3000])
+        return
+    if a.placements:
+        opts.placements = {pol: str(Path(a.placements) / pol) for pol in ("fixed", "adaptive")
+                           if (Path(a.placements) / pol).is_dir()}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", *sys.argv])
+    calib = {"command": command, "env": env(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    log(json.dumps({k: v for k, v in calib["env"].items() if k not in ("lscpu",)}, default=str)[:1500])
+    save_json(calib, out / "calib.json")
+    if not a.skip_calib:
+        from hotcold.accel.calib import cold_kernel_table, device_numbers, measured_spec
+
+        try:
+            calib["device"] = device_numbers(log)
+        except Exception as ex:  # noqa: BLE001 - keep going, record what broke
+            calib["device_error"] = repr(ex)
+        save_json(calib, out / "calib.json")
+        try:
+            n = os.cpu_count() or 1
+            calib["cold_kernel"] = cold_kernel_table(threads=(None, max(1, n // 2)), log=log,
+                                                     backends=("numba",), dtypes=("float16", "bfloat16", "float32"))
+            calib["cold_kernel"] += cold_kernel_table(dtypes=("float16",), backends=("torch",),
+                                                      modes=("predictor", "threshold"), log=log)
+        except Exception as ex:  # noqa: BLE001
+            calib["cold_kernel_error"] = repr(ex)
+        save_json(calib, out / "calib.json")
+        rows = [r for r in calib.get("cold_kernel", []) if r["dtype"] == "float16" and r["mode"] == "predictor"
+                and r["backend"] == "numba"]
+        if rows and "device" in calib and "gpu_gemv_GBps" in calib["device"]:
+            spec = measured_spec(calib["device"], max(r["GBps"] for r in rows))
+            spec.save(out / "hw_measured.json")
+            opts.predict_hw = [("measured_hw", spec)]
+    if a.calib_only:
+        return
+    res_path = out / "bench_70b.json"
+
+    def ck(r):
+        r["command"] = command
+        save_json(r, res_path)
+
+    opts.checkpoint = ck
+    res = run_bench(opts)
+    res["command"] = command
+    save_json(res, res_path)
+    from hotcold.accel.cli import print_table
+
+    print_table(res)
+
+
+if __name__ == "__main__":
+    main()

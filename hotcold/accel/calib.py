@@ -1,0 +1,155 @@
+"""Measure the numbers the cost model needs, with the engine's own kernels, and write a HardwareSpec.
+
+GPU: a device-to-device copy (read + write bytes) and an fp16 matrix-vector product over 1 GiB; PCIe:
+pinned host<->device copies of 256 MiB; sync: a 32 KB round trip + stream synchronise (what a split
+layer pays); CPU: a plain read (torch sum) and the cold kernel itself on one LLaMA-70B-shaped layer's
+cold rows, per weight dtype, backend, cold mode and thread count. The spec's cpu.bandwidth is the cold
+kernel's predictor-mode rate (what the engine achieves), not the DRAM peak.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def _t(fn: Callable[[], Any], reps: int, sync: Callable[[], None] = lambda: None, warm: int = 2) -> float:
+    for _ in range(warm):
+        fn()
+    sync()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def cold_kernel_table(dim: int = 8192, rows: int = 22938, density: float = 0.10,
+                      dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32"),
+                      threads: tuple[int | None, ...] = (None,), backends: tuple[str, ...] = ("numba", "torch"),
+                      modes: tuple[str, ...] = ("predictor", "threshold", "exact"), reps: int = 5,
+                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The cold kernel's achieved GB/s on one layer's cold rows (sampled active set at `density`)."""
+    from hotcold.accel.kernels import ColdKernel, numba_available
+
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for dt in dtypes:
+        tdt = getattr(torch, dt)
+        gate = (torch.randn(rows, dim, generator=g) * dim ** -0.5).to(tdt)
+        ud = (torch.randn(rows, 2 * dim, generator=g) * dim ** -0.5).to(tdt)
+        x = torch.randn(dim, generator=g)
+        sel = torch.from_numpy(np.flatnonzero(np.random.default_rng(0).random(rows) < density).astype(np.int32))
+        for be in backends:
+            if be == "numba" and not numba_available():
+                continue
+            for th in threads:
+                k = ColdKernel(dim, be, th)
+                if be == "numba":
+                    k.warm_up(tdt)
+                for mode in modes:
+                    if be == "torch" and mode == "exact" and dt != "float16":
+                        continue
+                    # threshold: t so that about `density` of the rows fire
+                    thr = 1.2 if mode == "threshold" else 0.0
+                    rs = []
+
+                    def run():
+                        rs.append(k(x, gate, ud, mode, sel=sel, thr=thr))
+
+                    t = _t(run, reps if be == "numba" else 2, warm=1)
+                    r = rs[-1]
+                    row = {"dtype": dt, "backend": be, "threads": th or (torch.get_num_threads() if be == "torch" else
+                                                                         _numba_threads()),
+                           "mode": mode, "rows": rows, "active": r.n_active, "bytes": r.bytes_read,
+                           "ms": t * 1e3, "GBps": r.bytes_read / t / 1e9}
+                    out.append(row)
+                    log(f"cold kernel {dt} {be} t={row['threads']} {mode}: {row['ms']:.3f} ms, {row['GBps']:.1f} GB/s "
+                        f"({r.n_active} active)")
+        del gate, ud
+    return out
+
+
+def _numba_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def device_numbers(log: Callable[[str], None] = print) -> dict[str, Any]:
+    """GPU copy and gemv bandwidth, PCIe, sync round trip, CPU read bandwidth."""
+    import torch.nn.functional as F
+
+    m: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    big = torch.randn(1 << 28, dtype=torch.float32).to(torch.float16)  # 512 MiB
+    m["cpu_sum_GBps"] = big.numel() * 2 / _t(lambda: big.sum(), 5) / 1e9
+    w = torch.randn(8192, 8192).to(torch.float16)
+    xx = torch.randn(8192).to(torch.float16)
+    m["cpu_flinear_fp16_GBps"] = w.numel() * 2 / _t(lambda: F.linear(xx, w), 5) / 1e9
+    del big, w
+    if not torch.cuda.is_available():
+        return m
+    dev = torch.device("cuda")
+    sync = torch.cuda.synchronize
+    m["gpu_name"] = torch.cuda.get_device_name(dev)
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    m["gpu_copy_GBps_read_plus_write"] = 2 * a.numel() / _t(lambda: b.copy_(a), 20, sync) / 1e9
+    del a, b
+    gw = torch.randn(65536, 8192, device=dev, dtype=torch.float16)
+    gx = torch.randn(8192, device=dev, dtype=torch.float16)
+    m["gpu_gemv_GBps"] = gw.numel() * 2 / _t(lambda: F.linear(gx, gw), 50, sync) / 1e9
+    ga = torch.randn(65536, device=dev, dtype=torch.float16)
+    m["gpu_vecmat_GBps"] = gw.numel() * 2 / _t(lambda: torch.matmul(ga, gw), 50, sync) / 1e9
+    del gw
+    host = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
+    d = torch.empty_like(host, device=dev)
+    m["pcie_h2d_GBps"] = host.numel() / _t(lambda: d.copy_(host, non_blocking=True), 10, sync) / 1e9
+    m["pcie_d2h_GBps"] = host.numel() / _t(lambda: host.copy_(d, non_blocking=True), 10, sync) / 1e9
+    sh = torch.empty(32 * 1024, dtype=torch.uint8).pin_memory()
+    sd = torch.empty_like(sh, device=dev)
+
+    def rt():
+        sd.copy_(sh, non_blocking=True)
+        sh.copy_(sd, non_blocking=True)
+        sync()
+
+    m["sync_round_trip_us"] = _t(rt, 200) * 1e6
+    ev = torch.cuda.Event()
+
+    def rt_event():
+        sd.copy_(sh, non_blocking=True)
+        sh.copy_(sd, non_blocking=True)
+        ev.record()
+        ev.synchronize()
+
+    m["event_round_trip_us"] = _t(rt_event, 200) * 1e6
+    log(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    return m
+
+
+def measured_spec(m: dict[str, Any], cold_GBps: float, name: str = "h200-measured"):
+    """A HardwareSpec from `device_numbers` + the cold kernel's rate (starting from the h200 preset)."""
+    import dataclasses
+
+    from hotcold.solver.hardware import preset
+
+    base = preset("h200")
+    gpu = dataclasses.replace(base.gpu, bandwidth=m["gpu_gemv_GBps"] * 1e9)
+    cpu = dataclasses.replace(base.cpu, bandwidth=cold_GBps * 1e9, threads=m.get("cpu_count") or base.cpu.threads)
+    link = dataclasses.replace(base.link, pcie_bandwidth=min(m["pcie_h2d_GBps"], m["pcie_d2h_GBps"]) * 1e9,
+                               sync_seconds=m["event_round_trip_us"] * 1e-6)
+    notes = dict(base.notes)
+    notes.update({"gpu.bandwidth": "measured: fp16 F.linear over 1 GiB (hotcold.accel.calib)",
+                  "cpu.bandwidth": "measured: the engine's numba cold kernel, predictor mode, fp16, 10% of one "
+                                   "70B layer's cold rows",
+                  "link": "measured: pinned 256 MiB copies; 32 KB round trip + event sync"})
+    return dataclasses.replace(base, name=name, gpu=gpu, cpu=cpu, link=link, source="measured (hotcold.accel.calib)",
+                               notes=notes, measurements=m)

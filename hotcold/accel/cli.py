@@ -1,0 +1,119 @@
+"""`hotcold bench`: the hybrid engine against the baselines, at equal GPU budget (see hotcold.accel.bench).
+
+Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hotcold.clikit import JsonOpt, command, err, out, print_json
+
+BENCH_HELP = """Benchmark hybrid GPU+CPU decode against all-on-GPU, layer split and streaming offload.
+
+The model has a named shape (LLaMA-2-70B by default) with --layers layers of random weights generated on
+the device; neuron frequencies come from --profile (the placements' workload) and --shift-profile (a
+different workload), mapped by relative depth. Per-layer times are extrapolated to the full depth and
+labelled so.
+
+Examples:
+
+  hotcold bench --layers 10 --gpu-budget 48GB --profile prof-mbpp/ --shift-profile prof-prose/ --out r.json
+
+  hotcold bench --shape tiny --layers 4 --gpu-budget 40% --device cpu --tokens 4 --json
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench", help=BENCH_HELP)(bench_cmd)
+
+
+@command
+def bench_cmd(
+    shape: Annotated[str, typer.Option("--shape", help="Named model shape (llama2-70b, tiny, ...).")] = "llama2-70b",
+    layers: Annotated[int, typer.Option("--layers", "-n", help="Layers actually built and run.")] = 10,
+    gpu_budget: Annotated[str, typer.Option("--gpu-budget", help="GPU budget at the model's full depth (48GB), or a share of the full model (35%); scaled to --layers.")] = "48GB",
+    cold_density: Annotated[Optional[float], typer.Option("--cold-density", help="Rescale frequencies so cold neurons fire this often under the fixed placement (0 = keep as profiled).")] = 0.10,
+    profile: Annotated[Optional[Path], typer.Option("--profile", help="Profile the placements are made from (workload 'matched').")] = None,
+    shift_profile: Annotated[Optional[Path], typer.Option("--shift-profile", help="Profile of another workload of the same model ('shifted').")] = None,
+    placement: Annotated[Optional[list[str]], typer.Option("--placement", help="POLICY=DIR: use this Placement instead of solving (repeatable).")] = None,
+    hardware: Annotated[str, typer.Option("--hardware", help="Preset or HardwareSpec JSON for placements and predictions.")] = "h200",
+    tokens: Annotated[int, typer.Option("--tokens", help="Timed decode tokens per run.")] = 32,
+    warm: Annotated[int, typer.Option("--warm", help="Warm-up tokens per run (excluded).")] = 8,
+    dyn_tokens: Annotated[int, typer.Option("--dyn-tokens", help="Timed tokens of the dynamic-vs-fixed runs.")] = 192,
+    runs: Annotated[str, typer.Option("--runs", help="Comma list of runs: dense-gpu, layer-split, stream, hotcold-fixed, hotcold-adaptive, hotcold-dynamic, threshold.")] = "dense-gpu,layer-split,stream,hotcold-fixed,hotcold-adaptive,hotcold-dynamic,threshold",
+    device: Annotated[str, typer.Option("--device", help="cuda, cpu or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype: float16, bfloat16 or float32.")] = "float16",
+    max_len: Annotated[int, typer.Option("--max-len", help="KV cache length (context the cost model assumes).")] = 512,
+    cpu_kernel: Annotated[str, typer.Option("--cpu-kernel", help="auto, numba or torch.")] = "auto",
+    cpu_threads: Annotated[Optional[int], typer.Option("--cpu-threads", help="Threads of the CPU kernel (default: all).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Weights and workload mapping seed.")] = 0,
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    from hotcold.accel.bench import BenchOptions, run_bench, save_json
+    from hotcold.errors import InputError
+    from hotcold.memory import parse_bytes
+    from hotcold.model.config import shape as get_shape
+
+    full = get_shape(shape)
+    if layers < 1 or layers > full.n_layers:
+        raise InputError(f"--layers {layers} is outside 1..{full.n_layers} for shape {shape}", "pass e.g. --layers 10")
+    if gpu_budget.strip().endswith("%"):
+        try:
+            frac = float(gpu_budget.strip()[:-1]) / 100
+        except ValueError:
+            raise InputError(f"cannot read --gpu-budget {gpu_budget!r}", "write 48GB or 35%") from None
+        budget = int(frac * full.n_params * 2)
+    else:
+        budget = parse_bytes(gpu_budget, "GPU budget")
+    pl = {}
+    for item in placement or []:
+        pol, sep, d = item.partition("=")
+        if not sep:
+            raise InputError(f"--placement {item!r} is not POLICY=DIR", "pass e.g. --placement adaptive=plc/")
+        pl[pol] = d
+    profiles = [str(p) for p in (profile, shift_profile) if p is not None]
+    if shift_profile is not None and profile is None:
+        raise InputError("--shift-profile needs --profile", "pass both, or neither")
+    names = tuple(r.strip() for r in runs.split(",") if r.strip())
+    opts = BenchOptions(shape=shape, n_layers=layers, gpu_budget_full=budget,
+                        cold_density=cold_density if cold_density else None, tokens=tokens, warm=warm,
+                        dyn_tokens=dyn_tokens, max_len=max_len, dtype=dtype, device=device, profiles=profiles,
+                        placements=pl, hardware=hardware, runs=names, cpu_backend=cpu_kernel,
+                        cpu_threads=cpu_threads, seed=seed, log=lambda s: err.print(s, markup=False))
+    if out_file is not None:
+        opts.checkpoint = lambda r: save_json(r, out_file)
+    res = run_bench(opts)
+    if out_file is not None:
+        save_json(res, out_file)
+    if json_out:
+        print_json(res)
+        return
+    print_table(res)
+
+
+def print_table(res: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{res['shape']} x {res['n_layers']} layers ({res['weights']}), {res['device']}")
+    for c in ("run", "ms/token", "tok/s", "model ms", "err", "GPU share", "CPU GB/s", "GPU GB/s",
+              f"ms/token @{res['full_depth_layers']}L (extrap.)"):
+        t.add_column(c, justify="right" if c != "run" else "left")
+
+    def f(v, p=2):
+        return "-" if v is None else f"{v:.{p}f}"
+
+    for name, r in res["runs"].items():
+        pred = (r.get("predicted") or {}).get("ms_per_token")
+        t.add_row(name, f(r.get("ms_per_token")), f(r.get("tokens_per_s"), 1), f(pred),
+                  f(100 * r["model_error"], 0) + "%" if r.get("model_error") is not None else "-",
+                  f(r.get("gpu_share"), 3), f(r.get("cpu_GBps"), 1), f(r.get("gpu_GBps"), 0),
+                  f(r.get("extrapolated_ms_per_token_full_depth"), 1))
+    out.print(t)
+    s = res.get("summary", {})
+    if s:
+        out.print({k: v for k, v in s.items() if k != "dynamic_migration"})

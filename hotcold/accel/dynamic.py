@@ -1,0 +1,241 @@
+"""Dynamic placement: neurons migrate between GPU slots and the CPU while the engine generates.
+
+Every token the engine counts, per slot, whether the neuron was active (hot slots on the GPU inside the
+graphs, cold slots from the CPU kernel's flags). Every `every` tokens this hook
+  1. folds the counts into an exponential moving average of each neuron's activation frequency
+     (per block of `every` tokens, weight `alpha`), starting from the profile's frequencies;
+  2. re-decides per layer, greedily and with the solver's cost model (hotcold.solver.costmodel), which
+     cold neurons deserve a GPU slot held by a colder hot neuron: pairs (hottest cold, coldest hot) are
+     taken while the incoming neuron is more frequent (with hysteresis) and the modelled saving over the
+     next `horizon` tokens (default 4 blocks), max(T_gpu, T_cpu) before minus after, pays for the
+     copies (bytes / PCIe);
+     at most `max_swaps` neurons a layer, so the GPU memory never changes (the budget holds);
+  3. starts the copies on a side CUDA stream — the incoming rows from the CPU (gathered into pinned
+     staging) to GPU staging, the outgoing rows from the GPU slots to pinned staging — while the
+     engine keeps generating;
+  4. commits at the first token boundary after the copies are done: the GPU slots are overwritten
+     (in place, so the captured graphs stay valid), the CPU slots too, and the slot -> neuron maps and
+     counts are swapped. Each token therefore runs with one consistent placement: in `exact` mode the
+     output is the dense model's whatever moves (tests check this).
+
+τ_l(t), the EMA frequency of the coldest hot neuron of each layer, and the migration traffic (neurons,
+bytes, copy and commit time) are recorded in `history`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from hotcold.accel.engine import HybridEngine
+from hotcold.accel.kernels import gather_rows, scatter_rows
+from hotcold.solver.costmodel import CostModel
+
+
+@dataclass
+class _Pending:
+    plan: list[tuple[int, np.ndarray, np.ndarray]]  # (layer, hot slots, cold slots)
+    offsets: list[int]
+    event: Any
+    keep: list[Any]
+    started: float
+    start_token: int
+
+
+@dataclass
+class MigrationStats:
+    decisions: int = 0
+    neurons: int = 0
+    bytes: int = 0
+    start_s: float = 0.0  # host time spent starting copies (CPU gather into staging, launches)
+    commit_s: float = 0.0  # host time spent committing (the generation pauses for this)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self, tokens: int) -> dict[str, Any]:
+        return {"decisions": self.decisions, "neurons_moved": self.neurons, "bytes_moved": self.bytes,
+                "bytes_per_token": self.bytes / max(tokens, 1), "start_ms_total": self.start_s * 1e3,
+                "commit_ms_total": self.commit_s * 1e3,
+                "stall_ms_per_token": (self.start_s + self.commit_s) * 1e3 / max(tokens, 1)}
+
+
+class DynamicPlacement:
+    def __init__(self, engine: HybridEngine, cost: CostModel, prior: np.ndarray, *, every: int = 16,
+                 alpha: float = 0.3, hysteresis: float = 0.1, max_swaps: int = 256, horizon: int | None = None):
+        """prior [L, n_ff]: the profile's frequencies (id order), the EMA's starting point."""
+        self.eng = engine
+        self.cm = cost
+        self.every = every
+        self.alpha = alpha
+        self.hyst = hysteresis
+        self.max_swaps = max_swaps
+        self.horizon = horizon or 4 * every
+        self.ema = np.array(prior, dtype=np.float64, copy=True)
+        self.stats = MigrationStats()
+        self.pending: _Pending | None = None
+        self.tokens_seen = 0
+        self.enabled = True
+        D = engine.cfg.dim
+        nb = cost.neuron
+        self.neuron_bytes = nb.total
+        M = max_swaps * engine.L
+        pin = engine.cuda
+        dt = engine.cl[0].gate.dtype
+        self._in_gate = torch.empty(M, D, dtype=dt, pin_memory=pin)
+        self._in_ud = torch.empty(M, 2 * D, dtype=dt, pin_memory=pin)
+        self._out_gate = torch.empty(M, D, dtype=dt, pin_memory=pin)
+        self._out_ud = torch.empty(M, 2 * D, dtype=dt, pin_memory=pin)
+        self.copy_stream = torch.cuda.Stream(engine.device) if engine.cuda else None
+        engine.stats_on = True
+        engine.hooks.append(self)
+
+    # ---- the hook ----------------------------------------------------------------------------
+    def __call__(self, eng: HybridEngine) -> None:
+        if self.pending is not None and (not eng.cuda or self.pending.event.query()):
+            self._commit()
+        if not self.enabled or eng.count_tokens < self.every or self.pending is not None:
+            return
+        self._fold()
+        plan = self.decide()
+        self.stats.decisions += 1
+        if plan:
+            self._start(plan)
+
+    def _fold(self) -> None:
+        eng = self.eng
+        n = max(eng.count_tokens, 1)
+        hot = eng.hot_counts()
+        for l in range(eng.L):
+            blk = np.zeros(eng.cfg.n_ff)
+            blk[eng.gl[l].hot_ids] = hot[l] / n
+            blk[eng.cl[l].cold_ids] = eng.cold_count[l] / n
+            self.ema[l] = (1 - self.alpha) * self.ema[l] + self.alpha * blk
+            eng.hot_count[l].zero_()
+            eng.cold_count[l][:] = 0
+        eng.count_tokens = 0
+
+    # ---- the decision ------------------------------------------------------------------------
+    def taus(self) -> list[float | None]:
+        return [float(self.ema[l][g.hot_ids].min()) if g.n_hot else None for l, g in enumerate(self.eng.gl)]
+
+    def decide(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        eng, cm = self.eng, self.cm
+        pcie = cm.hw.link.pcie_bandwidth
+        plan = []
+        for l in range(eng.L):
+            g, c = eng.gl[l], eng.cl[l]
+            if g.n_hot == 0 or c.n_cold == 0:
+                continue
+            ph, pc = self.ema[l][g.hot_ids], self.ema[l][c.cold_ids]
+            m = min(self.max_swaps, g.n_hot, c.n_cold)
+            hs = np.argsort(ph, kind="stable")[:m]  # coldest hot slots
+            cs = np.argsort(-pc, kind="stable")[:m]  # hottest cold slots
+            ok = pc[cs] > ph[hs] * (1 + self.hyst) + 1e-12
+            n_ok = int(np.argmin(ok)) if not ok.all() else m
+            if n_ok == 0:
+                continue
+            hs, cs = hs[:n_ok], cs[:n_ok]
+            gpu_t = float(cm.gpu_neuron_s(ph).sum())
+            cpu_t = float(cm.cpu_neuron_s(pc).sum())
+            gain = np.cumsum(cm.cpu_neuron_s(pc[cs]) - cm.cpu_neuron_s(ph[hs]))
+            gpu_after = gpu_t + np.cumsum(cm.gpu_neuron_s(pc[cs]) - cm.gpu_neuron_s(ph[hs]))
+            before = max(gpu_t, cpu_t)
+            after = np.maximum(gpu_after, cpu_t - gain)
+            copy_s = np.arange(1, n_ok + 1) * 2 * self.neuron_bytes / pcie
+            value = self.horizon * (before - after) - copy_s
+            best = int(np.argmax(value))
+            if value[best] <= 0:
+                continue
+            plan.append((l, hs[: best + 1].astype(np.int64), cs[: best + 1].astype(np.int64)))
+        self.stats.history.append({"token": self.tokens_total, "tau": self.taus(),
+                                   "swaps": {int(l): int(len(h)) for l, h, _ in plan}})
+        return plan
+
+    @property
+    def tokens_total(self) -> int:
+        return self.eng.totals.tokens
+
+    # ---- the copies --------------------------------------------------------------------------
+    def _start(self, plan: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+        eng = self.eng
+        t0 = time.perf_counter()
+        backend = eng.kernel.backend
+        offsets, off, keep = [], 0, []
+        for l, hs, cs in plan:
+            m = len(hs)
+            c = eng.cl[l]
+            gather_rows(c.gate, cs, self._in_gate[off:off + m], backend)
+            gather_rows(c.up_down, cs, self._in_ud[off:off + m], backend)
+            offsets.append(off)
+            off += m
+        event = None
+        if eng.cuda:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(eng.device))
+            with torch.cuda.stream(self.copy_stream):
+                dev_in_g = self._in_gate[:off].to(eng.device, non_blocking=True)
+                dev_in_ud = self._in_ud[:off].to(eng.device, non_blocking=True)
+                for (l, hs, cs), o in zip(plan, offsets):
+                    g, m = eng.gl[l], len(hs)
+                    s_t = torch.as_tensor(hs).to(eng.device, non_blocking=True)
+                    og = g.hot_gu.index_select(0, s_t)
+                    od = g.hot_down.index_select(0, s_t)
+                    self._out_gate[o:o + m].copy_(og[:, 0], non_blocking=True)
+                    self._out_ud[o:o + m].copy_(torch.cat([og[:, 1], od], dim=1), non_blocking=True)
+                    keep += [s_t, og, od]
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            keep += [dev_in_g, dev_in_ud]
+        else:
+            dev_in_g, dev_in_ud = self._in_gate[:off], self._in_ud[:off]
+            for (l, hs, cs), o in zip(plan, offsets):
+                g, m = eng.gl[l], len(hs)
+                s_t = torch.as_tensor(hs)
+                self._out_gate[o:o + m].copy_(g.hot_gu[s_t, 0])
+                self._out_ud[o:o + m].copy_(torch.cat([g.hot_gu[s_t, 1], g.hot_down[s_t]], dim=1))
+            keep += [dev_in_g, dev_in_ud]
+        self.pending = _Pending(plan=plan, offsets=offsets, event=event, keep=keep, started=t0,
+                                start_token=self.tokens_total)
+        self.stats.start_s += time.perf_counter() - t0
+
+    def _commit(self) -> None:
+        eng, p = self.eng, self.pending
+        t0 = time.perf_counter()
+        D = eng.cfg.dim
+        dev_in_g, dev_in_ud = p.keep[-2], p.keep[-1]
+        if eng.cuda:
+            torch.cuda.current_stream(eng.device).wait_event(p.event)
+            p.event.synchronize()
+        backend = eng.kernel.backend
+        for (l, hs, cs), o in zip(p.plan, p.offsets):
+            g, c, m = eng.gl[l], eng.cl[l], len(hs)
+            s_t = torch.as_tensor(hs).to(eng.device)
+            g.hot_gu.index_copy_(0, s_t, torch.stack([dev_in_g[o:o + m], dev_in_ud[o:o + m, :D]], dim=1))
+            g.hot_down.index_copy_(0, s_t, dev_in_ud[o:o + m, D:].contiguous())
+            scatter_rows(c.gate, cs, self._out_gate[o:o + m], backend)
+            scatter_rows(c.up_down, cs, self._out_ud[o:o + m], backend)
+            a, b = g.hot_ids[hs].copy(), c.cold_ids[cs].copy()
+            g.hot_ids[hs], c.cold_ids[cs] = b, a
+            eng.hot_ids_dev[l].index_copy_(0, s_t, torch.as_tensor(b).to(eng.device))
+            eng.cold_ids_dev[l].index_copy_(0, torch.as_tensor(cs).to(eng.device), torch.as_tensor(a).to(eng.device))
+            # counts gathered since the decision follow their neurons
+            hc = eng.hot_count[l].index_select(0, s_t).cpu().numpy()
+            eng.hot_count[l].index_copy_(0, s_t, torch.as_tensor(eng.cold_count[l][cs]).to(eng.device))
+            eng.cold_count[l][cs] = hc
+            self.stats.neurons += m
+            self.stats.bytes += 2 * m * self.neuron_bytes
+        if eng.cuda:
+            torch.cuda.current_stream(eng.device).synchronize()
+        self.pending = None
+        self.stats.commit_s += time.perf_counter() - t0
+        self.stats.history.append({"token": self.tokens_total, "committed": sum(len(h) for _, h, _ in p.plan),
+                                   "tau": self.taus()})
+
+    def flush(self) -> None:
+        """Commit a migration still in flight (end of a run)."""
+        if self.pending is not None:
+            if self.eng.cuda:
+                self.pending.event.synchronize()
+            self._commit()
