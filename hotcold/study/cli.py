@@ -58,7 +58,7 @@ def study_cmd(
     budgets: Annotated[str, typer.Option("--budgets", help="Comma list of GPU budgets: bytes (2GiB) or ffn:FRACTION.")] = "ffn:0.1,ffn:0.3,ffn:0.6",
     policies: Annotated[str, typer.Option("--policies", help="Comma list: fixed, fixed:tau=T, impact, adaptive.")] = "fixed,impact,adaptive",
     sparsity: Annotated[float, typer.Option("--sparsity", help="Activation sparsity t_l is calibrated for.")] = 0.5,
-    thresholds: Annotated[str, typer.Option("--thresholds", help="layer: per-layer t_l; global: one t for all layers.")] = "layer",
+    thresholds: Annotated[str, typer.Option("--thresholds", help="Activation thresholds to compare: layer (per-layer t_l), global (one t for all layers), or layer,global.")] = "layer",
     hardware: Annotated[str, typer.Option("--hardware", help="Target machine of the cost model: a preset (pc-high, pc-low, h200), a spec JSON, or 'calibrate' (this machine).")] = "pc-high",
     pass_at_1: Annotated[int, typer.Option("--pass-at-1", min=0, help="Tasks to generate and test in the sandbox per run (0 skips).")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Results directory.")] = Path("hotcold-study"),
@@ -71,16 +71,13 @@ def study_cmd(
 
     Example: hotcold study --budgets ffn:0.1,ffn:0.3 --policies fixed,adaptive --pass-at-1 10
     """
-    from hotcold.errors import InputError
     from hotcold.study.study import StudyConfig
 
-    if thresholds not in ("layer", "global"):
-        raise InputError(f"--thresholds {thresholds!r} is not layer or global", "pass --thresholds layer")
     cfg = StudyConfig(model=model, dataset=dataset, profile_split=profile_split, eval_split=eval_split,
                       profile_limit=profile_limit, eval_limit=eval_limit,
                       budgets=[b.strip() for b in budgets.split(",") if b.strip()],
                       policies=[p.strip() for p in policies.split(",") if p.strip()], sparsity=sparsity,
-                      thresholds=thresholds, hardware=hardware, pass_at_1=pass_at_1, out=out_dir)
+                      thresholds=[t.strip() for t in thresholds.split(',') if t.strip()], hardware=hardware, pass_at_1=pass_at_1, out=out_dir)
     _run(cfg, json_out)
 
 

@@ -110,7 +110,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         f"Model: `{results['model']['source']}`; profile: {cfg['dataset']} {cfg['profile_split']} "
         f"({cfg['profile_limit']} prompts, {cfg['profile_mode']}, {results['profile']['token_count']} tokens); "
         f"evaluation: {cfg['dataset']} {cfg['eval_split']} ({cfg['eval_limit']} prompts, teacher-forced on the reference solutions).",
-        f"Activation sparsity target {cfg['sparsity']} ({cfg['thresholds']} thresholds), cold neurons found by "
+        f"Activation sparsity target {cfg['sparsity']} ({' vs '.join(cfg['thresholds'])} thresholds), cold neurons found by "
         f"`{cfg['cold_mode']}`, weights {cfg['dtype']}, hardware `{results['hardware']['name']}`.",
         f"Dense reference: {d['measured_decode_ms_per_token']:.2f} ms/token decode, perplexity {d['perplexity']:.3f}"
         + (f", pass@1 {100 * d['pass_at_1']:.1f}%" if d.get("pass_at_1") is not None else "") + ".",

@@ -42,7 +42,8 @@ class StudyConfig:
     policies: list[str] = field(default_factory=lambda: ["fixed", "adaptive"])
     hardware: str = "pc-high"  # target of the cost model: a preset, a spec JSON, or "calibrate" (this machine, ~5 s)
     cold_mode: str = "threshold"
-    thresholds: str = "layer"  # layer: per-layer t_l at the target sparsity; global: one t for every layer
+    thresholds: list[str] = field(default_factory=lambda: ["layer"])  # layer: per-layer t_l at the target
+    # sparsity (from the profile's histograms); global: one t for every layer (the median of the per-layer ones)
     dtype: str = "float32"
     ctx_len: int = 512
     speed_prompt_tokens: int = 64
@@ -176,6 +177,9 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
         parse_policy(pol)
     for b in cfg.budgets:
         parse_budget(b, 0, 0)
+    bad = [t for t in cfg.thresholds if t not in ("layer", "global")]
+    if bad:
+        raise InputError(f"unknown threshold kind {bad[0]!r}", "use layer, global or layer,global")
     if not cfg.policies or not cfg.budgets:
         raise InputError("the study has no policies or no budgets", "pass --policies and --budgets")
     out = Path(cfg.out)
@@ -236,20 +240,27 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
     acct0 = placement_bytes(mcfg, [0] * mcfg.n_layers, cfg.dtype, ctx_len=cfg.ctx_len, cold_mode=cfg.cold_mode)
     ffn_total = mcfg.n_layers * mcfg.n_ff * neuron_bytes(mcfg, cfg.dtype).total
     rows: list[RunRow] = []
-    runs = [(b, p) for b in cfg.budgets for p in cfg.policies]
-    for i, (budget, pol) in enumerate(runs):
+    runs = [(b, p, t) for b in cfg.budgets for p in cfg.policies for t in cfg.thresholds]
+    placements: dict[tuple[str, str], Any] = {}
+    for i, (budget, pol, tkind) in enumerate(runs):
         policy, tau = parse_policy(pol)
         gpu_budget = parse_budget(budget, acct0.gpu_total, ffn_total)
         name = f"{pol.replace(':', '-').replace('=', '')}@{budget.replace(':', '')}"
+        pl_name = name
+        if len(cfg.thresholds) > 1:
+            name += f"+t{tkind}"
         step(f"{name}", i, len(runs))
         log(f"[{i + 1}/{len(runs)}] {name}: solve with GPU budget {gpu_budget / 2**20:.1f} MiB")
-        pl = solve(profile, hw, policy=policy, gpu_budget=gpu_budget, tau=tau, cold_mode=cfg.cold_mode,
-                   ctx_len=cfg.ctx_len, dtype=cfg.dtype, time_limit=30.0)
-        pl_dir = out / "placements" / name
-        pl.save(pl_dir)
+        pl_dir = out / "placements" / pl_name
+        if (budget, pol) not in placements:  # one placement serves every threshold kind
+            pl = solve(profile, hw, policy=policy, gpu_budget=gpu_budget, tau=tau, cold_mode=cfg.cold_mode,
+                       ctx_len=cfg.ctx_len, dtype=cfg.dtype, time_limit=30.0)
+            pl.save(pl_dir)
+            placements[(budget, pol)] = pl
+        pl = placements[(budget, pol)]
         b_dir = out / "bundles" / name
         thresholds = None
-        if cfg.thresholds == "global":
+        if tkind == "global":
             thresholds = float(np.median(profile.magnitude_thresholds(cfg.sparsity)))
         export_bundle(src, pl, b_dir, profile=profile,
                       options=ExportOptions(dtype=cfg.dtype, rule="product", sparsity=cfg.sparsity,
@@ -276,7 +287,7 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
             gpu_share_of_active=decode.get("gpu_share"),
             active_fraction=decode.get("active_fraction"), peak_rss_bytes=_peak_rss(),
             agreement=agree, kl=kl, perplexity=ppl, dense_perplexity=dense_ppl, pass_at_1=pa1,
-            placement=str(pl_dir), bundle=str(b_dir), taus=pl.taus, thresholds_kind=cfg.thresholds))
+            placement=str(pl_dir), bundle=str(b_dir), taus=pl.taus, thresholds_kind=tkind))
         del hm
         step(f"{name}", i + 1, len(runs))
     results = {"kind": "study", "config": cfg.to_json(), "hardware": hw.to_json(), "dense": dense_row,
