@@ -566,8 +566,10 @@ def prepare(o: BenchOptions, cfg: ModelConfig, dt_name: str, hw, rank: int, res:
                                       "random map with log-normal jitter 0.25 (hotcold.accel.workload)",
                             "profiles": list(infos)}
     else:
-        fs = [wl.synthetic(cfg.n_layers, cfg.n_ff, o.seed)]
-        res["workloads"] = {"method": "synthetic power law (no profile given)"}
+        f0 = wl.synthetic(cfg.n_layers, cfg.n_ff, o.seed)
+        fs = [f0, wl.shifted(f0, 0.3, o.seed + 1)]
+        res["workloads"] = {"method": "synthetic power law (no profile given); shifted: 30% of each layer's "
+                                      "neurons trade frequencies"}
     budget = scaled_budget(cfg, full.n_layers, o.gpu_budget_full, dt_name)
     nb = neuron_bytes(cfg, dt_name).total
     from hotcold.memory import placement_bytes

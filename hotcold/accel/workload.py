@@ -79,3 +79,14 @@ def synthetic(n_layers: int, n_ff: int, seed: int = 0) -> np.ndarray:
     dens = np.linspace(0.2, 0.1, n_layers)
     f = power_law_frequencies(n_ff, skew, dens)
     return np.take_along_axis(f, np.argsort(rng.random((n_layers, n_ff)), axis=1), axis=1)
+
+
+def shifted(f: np.ndarray, fraction: float = 0.3, seed: int = 1) -> np.ndarray:
+    """A synthetic workload shift: in each layer a random `fraction` of the neurons trade frequencies."""
+    rng = np.random.default_rng(seed)
+    g = f.copy()
+    L, n = f.shape
+    for l in range(L):
+        idx = rng.choice(n, int(fraction * n), replace=False)
+        g[l, idx] = f[l, rng.permutation(idx)]
+    return g
