@@ -195,8 +195,7 @@ class ColdKernel:
         if self.backend == "numba":
             import numba
 
-            if threads:
-                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            numba.set_num_threads(min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
             self._parts = np.zeros((numba.get_num_threads(), dim + 1), dtype=np.float32)
 
     def warm_up(self, dtype: torch.dtype) -> None:
