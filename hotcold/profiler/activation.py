@@ -105,16 +105,13 @@ def manifest_entry(kind: str, thresholds: list[float] | None, target_sparsity: f
             "target_sparsity": target_sparsity}
 
 
-def hist_index(abs_a: torch.Tensor, lo: float = HIST_LO, hi: float = HIST_HI, bins: int = HIST_BINS) -> torch.Tensor:
-    """Histogram bin of each |a| (flattened, int64): 0 below lo (zeros included), 1..bins log-spaced as
-    artifact.hist_edges, bins + 1 at or above hi."""
-    scale = bins / math.log10(hi / lo)
-    # 1 + (log10|a| - log10 lo) * scale, clamped to [0, bins + 1]: non-negative, so truncation is floor
-    idx = abs_a.log10().mul_(scale).add_(1.0 - math.log10(lo) * scale).clamp_(0, bins + 1)
-    return idx.nan_to_num_(nan=0.0).to(dtype=_int64()).reshape(-1)
-
-
-def _int64():
+def hist_index(abs_a: torch.Tensor, lo: float = HIST_LO, hi: float = HIST_HI, bins: int = HIST_BINS,
+               inplace: bool = False) -> torch.Tensor:
+    """Histogram bin of each |a| (flattened, int32): 0 below lo (zeros included), 1..bins log-spaced as
+    artifact.hist_edges, bins + 1 at or above hi. `inplace` overwrites abs_a (saves a copy)."""
     import torch
 
-    return torch.int64
+    scale = bins / math.log10(hi / lo)
+    # 1 + (log10|a| - log10 lo) * scale, clamped to [0, bins + 1]: non-negative, so truncation is floor
+    idx = (abs_a.log10_() if inplace else abs_a.log10()).mul_(scale).add_(1.0 - math.log10(lo) * scale)
+    return idx.clamp_(0, bins + 1).nan_to_num_(nan=0.0).to(dtype=torch.int32).reshape(-1)

@@ -18,7 +18,9 @@ the per-token overhead to a list append per layer.
 
 Magnitude thresholds for a target sparsity are calibrated first on the first `calibration_prompts`
 prompts (same mode, |a| histograms only, inverse CDF per layer: artifact.threshold_from_hist); in
-streaming mode calibration runs layer by layer inside the same pass.
+streaming mode calibration runs layer by layer inside the same pass. Default: 4 prompts in generate mode
+(each costs a full generation; 4 MBPP prompts give ~1.5k tokens x n_ff |a| values per layer, far more
+than a quantile needs) and 16 in teacher-forced mode (one batched forward).
 
 Resumable: every `checkpoint_every` prompts each rank writes its partial counts to
 `<out>.checkpoint`-style directory (one file per rank, written atomically); a re-run with the same
@@ -52,6 +54,7 @@ from hotcold.profiler.sequences import MODES, PromptTokens, encode_tasks, fit_co
 NB = HISTOGRAM["bins"] + 2  # histogram bins per layer (under, log-spaced, over)
 PREFILL, DECODE = 0, 1
 DEFAULT_CHECKPOINT_EVERY = 16  # prompts; a checkpoint costs one small file write
+DEFAULT_CALIBRATION = {"generate": 4, "teacher-forced": 16}  # prompts (see the module docstring)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_VERSION = 1
 
@@ -67,7 +70,7 @@ class ProfileOptions:
     stream: bool = False  # teacher-forced only: layer by layer, one layer resident
     batch_size: int = 8  # teacher-forced sequences per forward
     prompt_format: str = "chat"  # chat | raw (hotcold.workloads.format_prompt)
-    calibration_prompts: int = 8  # prompts whose |a| histograms calibrate --sparsity thresholds
+    calibration_prompts: int | None = None  # --sparsity calibration prompts; None: DEFAULT_CALIBRATION[mode]
     samples: int = 0  # (x, mask) token positions to keep for predictor training
     seed: int = 0  # sample selection
     checkpoint_every: int | None = None  # prompts; None: DEFAULT_CHECKPOINT_EVERY (stream: one pass)
@@ -87,8 +90,8 @@ class ProfileOptions:
             raise InputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}", "pass e.g. 64")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}", "pass e.g. 8")
-        if self.calibration_prompts < 1:
-            raise InputError(f"--calibration-prompts must be >= 1, got {self.calibration_prompts}", "pass e.g. 8")
+        if self.calibration_prompts is not None and self.calibration_prompts < 1:
+            raise InputError(f"--calibration-prompts must be >= 1, got {self.calibration_prompts}", "pass e.g. 4")
         if self.samples < 0:
             raise InputError(f"--samples must be >= 0, got {self.samples}", "pass 0 for none")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
@@ -163,7 +166,7 @@ class Observer:
         abs_a = a2d.abs()
         if self.rule is not None:
             self.stats.count[phase, layer] += self.rule.active(layer, x2d, a2d, abs_a).sum(0)
-        self.stats.hist[phase, layer] += torch.bincount(hist_index(abs_a), minlength=NB)
+        self.stats.hist[phase, layer] += torch.bincount(hist_index(abs_a, inplace=True), minlength=NB)
 
 
 class _LayerCache:
@@ -512,7 +515,7 @@ def _run(src: WeightSource, seqs: list[PromptTokens], opts: ProfileOptions, ctx:
     spec = opts.activation
     every = opts.checkpoint_every or (None if opts.stream else DEFAULT_CHECKPOINT_EVERY)
     shard = seqs[ctx.rank::ctx.world]
-    n_cal = min(opts.calibration_prompts, len(seqs))
+    n_cal = min(opts.calibration_prompts or DEFAULT_CALIBRATION[opts.mode], len(seqs))
     run_key = sha256_json({
         "model": src.fingerprint, "sequences": sequences_digest(seqs), "mode": opts.mode,
         "activation": spec.to_json(), "max_new_tokens": opts.max_new_tokens if opts.mode == "generate" else None,
