@@ -4,6 +4,13 @@ Directory layout (format version 1):
     manifest.json        kind "profile", format_version, model {fingerprint, config, source},
                          dataset {...}, mode, activation {kind, thresholds, target_sparsity},
                          token_count {prefill, decode}, histogram {lo, hi, bins}, files [...]
+                         and, as the producer knows them: calibration {prompts, ids, phase, ...},
+                         generation {max_new_tokens | batch_size, stream}, samples {n, seed},
+                         run {world_size, device, dtype, elapsed_s, ...}, synthetic {...}, merged_from
+                         mode: generate | teacher-forced | synthetic | imported | mixed (merged)
+                         activation.kind: magnitude (|a| > t_l, thresholds per layer), gate (W_gate x > 0),
+                         relu (a != 0), powerinfer (imported counts; definition PowerInfer's)
+                         token_count may be {"prefill": null, "unknown": true} (PowerInfer import)
     counts.safetensors   active_count_prefill [n_layers, n_ff] int64
                          active_count_decode  [n_layers, n_ff] int64
                          hist_prefill         [n_layers, bins + 2] int64   (|a| histogram, see HIST_*)
