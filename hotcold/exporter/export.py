@@ -34,7 +34,8 @@ class ExportOptions:
     """How to export. Thresholds: `threshold` (one value or one per layer) wins over `sparsity`."""
 
     dtype: str = "float32"
-    rule: str = "gate"  # activation rule of threshold / predictor modes (format.py)
+    rule: str = "product"  # activation rule of threshold / predictor modes (format.py)
+    cpu_layout: str | None = None  # bundled | split; None: the rule's (format.DEFAULT_LAYOUT)
     sparsity: float | None = 0.5  # target fraction of inactive neurons per layer, t_l calibrated from the profile
     threshold: float | tuple[float, ...] | None = None  # absolute t_l (one, or per layer)
     phase: str = "decode"  # histogram phase for the product rule
@@ -139,6 +140,9 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
         raise InputError(f"the exporter writes {', '.join(EXPORT_DTYPES)}, not {dtype}", "pass --dtype fp32, bf16 or fp16")
     tdt = TORCH_DTYPES[dtype]
     rule = th.check_rule(opts.rule)
+    layout = opts.cpu_layout or fmt.DEFAULT_LAYOUT[rule]
+    if layout not in fmt.CPU_LAYOUTS:
+        raise InputError(f"unknown CPU layout {layout!r}", f"use one of: {', '.join(fmt.CPU_LAYOUTS)}")
     _check_same_model("placement", placement, src)
     if profile is not None:
         _check_same_model("profile", profile, src)
@@ -175,14 +179,14 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
     tok = src.tokenizer()
     out = Path(out)
     gpu_specs = {n: (dtype, s) for n, s in fmt.gpu_tensor_shapes(cfg, n_hot).items()}
-    cpu_specs = {n: (dtype, s) for n, s in fmt.cpu_tensor_shapes(cfg, n_hot).items()}
+    cpu_specs = {n: (dtype, s) for n, s in fmt.cpu_tensor_shapes(cfg, n_hot, layout).items()}
     idx_specs = {n: ("int32", s) for n, s in fmt.neuron_tensor_shapes(cfg, n_hot).items()}
     meta = {"format": "hotcold bundle", "model_fingerprint": str(src.fingerprint)}
     report: list[dict[str, Any]] = []
     ranks: list[int] = []
     pred_layers: list[dict[str, Any]] = []
 
-    with atomic_dir(out) as tmp, torch.inference_mode():
+    with atomic_dir(out) as tmp, torch.no_grad():
         writers = {fmt.GPU_FILE: StreamingWriter(tmp / fmt.GPU_FILE, gpu_specs, meta),
                    fmt.CPU_FILE: StreamingWriter(tmp / fmt.CPU_FILE, cpu_specs, meta),
                    fmt.NEURONS_FILE: StreamingWriter(tmp / fmt.NEURONS_FILE, idx_specs, meta)}
@@ -208,8 +212,12 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
                 gw.write(f"layers.{i}.ffn_norm", t["ffn_norm"].to(tdt))
                 gw.write(f"layers.{i}.hot_gate_up", torch.cat([gate[hot], up[hot]]).to(tdt))
                 gw.write(f"layers.{i}.hot_down", down_t[hot].to(tdt))
-                cw.write(f"layers.{i}.cold_gate", gate[cold].to(tdt))
-                cw.write(f"layers.{i}.cold_up_down", torch.cat([up[cold], down_t[cold]], dim=1).to(tdt))
+                if layout == "bundled":
+                    cw.write(f"layers.{i}.cold_gate", gate[cold].to(tdt))
+                    cw.write(f"layers.{i}.cold_up_down", torch.cat([up[cold], down_t[cold]], dim=1).to(tdt))
+                else:
+                    cw.write(f"layers.{i}.cold_gate_up", torch.cat([gate[cold], up[cold]]).to(tdt))
+                    cw.write(f"layers.{i}.cold_down", down_t[cold].to(tdt))
                 nw.write(f"layers.{i}.hot", hot.to(torch.int32))
                 nw.write(f"layers.{i}.cold", cold.to(torch.int32))
                 if thresholds is not None and t_source is not None and t_source.startswith("profile samples"):
@@ -257,6 +265,7 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
         body = {
             "model": {"fingerprint": src.fingerprint, "source": src.description, "config": cfg.to_json()},
             "dtype": dtype,
+            "cpu_layout": layout,
             "ctx_len": ctx_len,
             "tokenizer": tok_entry,
             "placement": {"content_hash": getattr(placement, "content_hash", None),

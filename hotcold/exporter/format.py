@@ -22,11 +22,15 @@ A Bundle is a directory (format version 1):
                                                   order), rows k..2k-1: their up rows
         layers.{i}.hot_down        [k_i, D]       row j: hot neuron j's down column (W_down[:, n].T),
                                                   so a neuron's down weights are one contiguous row
-    cpu.safetensors      what the CPU worker holds
-        layers.{i}.cold_gate       [c_i, D]       gate rows of the cold neurons, one matrix (read densely
-                                                  in `threshold` mode)
+    cpu.safetensors      what the CPU worker holds, in one of two layouts (manifest "cpu_layout"):
+      bundled  (the `gate` rule's: gate rows read densely, up/down rows only for active neurons)
+        layers.{i}.cold_gate       [c_i, D]       gate rows of the cold neurons, one matrix
         layers.{i}.cold_up_down    [c_i, 2 D]     row j: [up row | down column] of cold neuron j —
-                                                  row-column bundling: one contiguous block per neuron
+                                                  row-column bundling ("LLM in a flash"): one
+                                                  contiguous block per active neuron
+      split    (the `product` rule's: gate and up rows read densely, down rows only for active neurons)
+        layers.{i}.cold_gate_up    [2 c_i, D]     rows 0..c-1: gate rows, rows c..2c-1: up rows
+        layers.{i}.cold_down       [c_i, D]       row j: cold neuron j's down column
     neurons.safetensors  the neuron index maps (int32): position in the bundle -> neuron id of the model
         layers.{i}.hot             [k_i]          hot neurons, hottest first (placement order)
         layers.{i}.cold            [c_i]          cold neurons, hottest first
@@ -67,6 +71,8 @@ NEURONS_FILE = "neurons.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 PREDICTOR_DIR = "predictors"
 RULES = ("gate", "product")
+CPU_LAYOUTS = ("bundled", "split")
+DEFAULT_LAYOUT = {"gate": "bundled", "product": "split"}  # the layout whose dense reads match the rule
 COLD_MODES = ("exact", "threshold", "predictor")
 
 # safetensors dtype tags <-> our canonical dtype names (hotcold.memory)
@@ -117,12 +123,18 @@ def gpu_tensor_shapes(cfg: ModelConfig, n_hot: list[int]) -> dict[str, tuple[int
     return shapes
 
 
-def cpu_tensor_shapes(cfg: ModelConfig, n_hot: list[int]) -> dict[str, tuple[int, ...]]:
+def cpu_tensor_shapes(cfg: ModelConfig, n_hot: list[int], layout: str) -> dict[str, tuple[int, ...]]:
+    if layout not in CPU_LAYOUTS:
+        raise IncompatibleError(f"unknown CPU layout {layout!r}", f"use one of: {', '.join(CPU_LAYOUTS)}")
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(cfg.n_layers):
         c = cfg.n_ff - int(n_hot[i])
-        shapes[f"layers.{i}.cold_gate"] = (c, cfg.dim)
-        shapes[f"layers.{i}.cold_up_down"] = (c, 2 * cfg.dim)
+        if layout == "bundled":
+            shapes[f"layers.{i}.cold_gate"] = (c, cfg.dim)
+            shapes[f"layers.{i}.cold_up_down"] = (c, 2 * cfg.dim)
+        else:
+            shapes[f"layers.{i}.cold_gate_up"] = (2 * c, cfg.dim)
+            shapes[f"layers.{i}.cold_down"] = (c, cfg.dim)
     return shapes
 
 
@@ -135,7 +147,7 @@ def neuron_tensor_shapes(cfg: ModelConfig, n_hot: list[int]) -> dict[str, tuple[
 
 
 FFN_GPU = ("hot_gate_up", "hot_down")
-FFN_CPU = ("cold_gate", "cold_up_down")
+FFN_CPU = ("cold_gate", "cold_up_down", "cold_gate_up", "cold_down")
 
 
 # ---- safetensors, read without copying ----------------------------------------------------------

@@ -40,6 +40,10 @@ class Bundle:
         return self.manifest["dtype"]
 
     @property
+    def cpu_layout(self) -> str:
+        return self.manifest["cpu_layout"]
+
+    @property
     def n_hot(self) -> list[int]:
         return [int(k) for k in self.manifest["placement"]["n_hot"]]
 
@@ -136,7 +140,7 @@ class Bundle:
         dtype = manifest["dtype"]
         for name, shapes, want_dtype in (
                 (fmt.GPU_FILE, fmt.gpu_tensor_shapes(cfg, n_hot), dtype),
-                (fmt.CPU_FILE, fmt.cpu_tensor_shapes(cfg, n_hot), dtype),
+                (fmt.CPU_FILE, fmt.cpu_tensor_shapes(cfg, n_hot, manifest.get("cpu_layout")), dtype),
                 (fmt.NEURONS_FILE, fmt.neuron_tensor_shapes(cfg, n_hot), "int32")):
             tensors[name] = _load_checked(path / name, shapes, want_dtype, manifest["model"]["fingerprint"])
         tok = None

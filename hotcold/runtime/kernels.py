@@ -1,17 +1,19 @@
-"""The CPU worker's kernels over the row-bundled cold layout (cold_up_down: row j = [up_j | down_j]).
+"""The CPU worker's sparse kernels over the cold layouts (hotcold/exporter/format.py).
 
-A kernel is an object with two methods; the runtime takes one by name or as an object
-(`HybridModel(kernel=...)`), so a compiled gather-dot (numba, C++) can replace the torch one without
-touching the runtime:
+A kernel is an object with the two methods below; the runtime takes one by name or as an object
+(`HybridModel(kernel=...)`), so a compiled gather-dot (numba, C++) can replace the torch one for the H200
+(issue 6) without touching the runtime.
 
     up_down(x [N, D], coef [N, m], idx [m] int64, up_down [c, 2D]) -> y [N, D]
-        y = Σ_j coef[:, j] · (up_idx[j] · x) · down_idx[j]      (coef = act(gate) of the active neurons,
-                                                                  0 where a token's neuron is inactive)
-    down(a [N, m], idx [m] int64, up_down [c, 2D]) -> y [N, D]
-        y = Σ_j a[:, j] · down_idx[j]                            (the product rule: a already known)
+        bundled layout: y = Σ_j coef[:, j] · (up_idx[j] · x) · down_idx[j]   (coef = act(gate) of the
+        active neurons, 0 where a token's neuron is inactive)
+    down(w [nnz], idx [nnz] int64, offsets [N] int64, rows [c, D]) -> y [N, D]
+        y[t] = Σ_{k in token t's slice} w[k] · rows[idx[k]]   (the down projection of the active
+        neurons, per token: CSR slices idx[offsets[t]:offsets[t+1]])
 
-`TorchGather` gathers the active neurons' bundled rows into one block (index_select) and runs dense
-torch ops on it — what works on CPU with torch alone (issue 5); `dense_cold` is the exact path.
+`TorchKernel`: `up_down` gathers the active neurons' bundled [up | down] rows into one block
+(index_select) and runs two dense ops on it; `down` is `embedding_bag` (weighted row sums read in place,
+nothing copied).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 
-class TorchGather:
-    name = "torch-gather"
+class TorchKernel:
+    name = "torch"
 
     def up_down(self, x: torch.Tensor, coef: torch.Tensor, idx: torch.Tensor, up_down: torch.Tensor) -> torch.Tensor:
         D = x.shape[-1]
@@ -29,20 +31,18 @@ class TorchGather:
         u = F.linear(x, blk[:, :D])  # [N, m]
         return F.linear(coef * u, blk[:, D:].t())  # [N, D]
 
-    def down(self, a: torch.Tensor, idx: torch.Tensor, up_down: torch.Tensor) -> torch.Tensor:
-        D = up_down.shape[1] // 2
-        blk = up_down.index_select(0, idx)
-        return F.linear(a, blk[:, D:].t())
+    def down(self, w: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(idx, rows, offsets, mode="sum", per_sample_weights=w)
 
 
-KERNELS = {TorchGather.name: TorchGather}
+KERNELS = {TorchKernel.name: TorchKernel}
 
 
 def get_kernel(kernel: str | object | None):
     from hotcold.errors import InputError
 
     if kernel is None:
-        return TorchGather()
+        return TorchKernel()
     if isinstance(kernel, str):
         if kernel not in KERNELS:
             raise InputError(f"unknown CPU kernel {kernel!r}", f"use one of: {', '.join(KERNELS)}")
@@ -50,8 +50,12 @@ def get_kernel(kernel: str | object | None):
     return kernel
 
 
-def dense_cold(x: torch.Tensor, gate: torch.Tensor, up_down: torch.Tensor, act) -> torch.Tensor:
-    """Every cold neuron (exact mode, and dense prefill): y = (act(x G^T) * (x U^T)) Down."""
-    D = x.shape[-1]
-    a = act(F.linear(x, gate)) * F.linear(x, up_down[:, :D])
-    return F.linear(a, up_down[:, D:].t())
+def csr(vals: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token active entries of vals [N, m] where mask: (values [nnz], columns [nnz], offsets [N])."""
+    if vals.shape[0] == 1:
+        pos = mask[0].nonzero().squeeze(1)
+        return vals[0].index_select(0, pos), pos, torch.zeros(1, dtype=torch.long)
+    nz = mask.nonzero()  # row-major: grouped by token
+    r, c = nz[:, 0], nz[:, 1]
+    counts = torch.bincount(r, minlength=vals.shape[0])
+    return vals[r, c], c, torch.cumsum(counts, 0) - counts

@@ -34,11 +34,12 @@ import torch.nn.functional as F
 from hotcold.errors import InputError
 from hotcold.model.dense import KVCache, LayerWeights, Rope, attention, gemv_layout, rms_norm
 from hotcold.runtime.bundle import Bundle
-from hotcold.runtime.kernels import get_kernel
+from hotcold.runtime.kernels import csr, get_kernel
 from hotcold.runtime.stats import Measurements
 
 MODES = ("exact", "threshold", "predictor")
 PREFILL = ("dense", "sparse")
+COLD_TENSORS = {"bundled": ("gate", "up_down"), "split": ("gate_up", "down")}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -61,13 +62,17 @@ class GpuLayer:
 
 @dataclass
 class ColdLayer:
-    gate: torch.Tensor  # [c, D]
-    up_down: torch.Tensor  # [c, 2D]
+    """One layer's cold neurons in the bundle's CPU layout: bundled (gate, up_down) or split (gate_up, down)."""
+
     threshold: float | None
+    gate: torch.Tensor | None = None  # bundled: [c, D]
+    up_down: torch.Tensor | None = None  # bundled: [c, 2D], row j = [up_j | down_j]
+    gate_up: torch.Tensor | None = None  # split: [2c, D], gate rows then up rows
+    down: torch.Tensor | None = None  # split: [c, D], row j = down_j
 
     @property
     def c(self) -> int:
-        return int(self.gate.shape[0])
+        return int(self.gate.shape[0] if self.gate is not None else self.down.shape[0])
 
 
 @dataclass
@@ -80,13 +85,13 @@ class _Job:
 
 class CpuWorker:
     """Computes cold neurons on the CPU. The inline worker does the work in `result()`, i.e. after the
-    caller has queued the GPU side's hot-neuron work."""
+    caller has queued the GPU side's hot-neuron work (on CUDA that work runs meanwhile)."""
 
     def __init__(self, layers: list[ColdLayer], activation: str, rule: str | None, kernel: Any,
                  stats: Measurements, predictor_mode: bool):
         self.layers = layers
         self.act = F.silu if activation == "silu" else F.relu
-        self.rule = rule or "gate"
+        self.rule = rule or "product"
         self.kernel = kernel
         self.stats = stats
         self.predictor_mode = predictor_mode
@@ -108,64 +113,76 @@ class CpuWorker:
         self.stats.cpu_interval(job.layer, time.perf_counter() - t0)
         return y
 
-    def _count(self, layer: int, m: torch.Tensor | None, rows: int, predicted: int = 0) -> None:
+    def _count(self, layer: int, active: int, rows: int, predicted: int = 0) -> None:
         if self.stats.enabled:
-            self.stats.cpu_active(layer, int(m.sum()) if m is not None else rows, rows, predicted)
+            self.stats.cpu_active(layer, active, rows, predicted)
+
+    def _gate_up(self, cl: ColdLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """act(gate x) and up x of every cold neuron, [N, c] each."""
+        if cl.gate_up is not None:
+            g, u = F.linear(x, cl.gate_up).chunk(2, dim=-1)
+            return self.act(g), u
+        return self.act(F.linear(x, cl.gate)), F.linear(x, cl.up_down[:, : x.shape[-1]])
+
+    def _down_rows(self, cl: ColdLayer, D: int) -> torch.Tensor:
+        return cl.down if cl.down is not None else cl.up_down[:, D:]
 
     def _exact(self, layer: int, cl: ColdLayer, x: torch.Tensor) -> torch.Tensor:
-        D = x.shape[-1]
-        g = self.act(F.linear(x, cl.gate))
-        a = g * F.linear(x, cl.up_down[:, :D])
-        y = F.linear(a, cl.up_down[:, D:].t())
+        ga, u = self._gate_up(cl, x)
+        a = ga * u
+        y = F.linear(a, self._down_rows(cl, x.shape[-1]).t())
         if self.stats.enabled:
-            t = cl.threshold or 0.0
-            self._count(layer, (g if self.rule == "gate" else a).abs() > t, cl.c * x.shape[0])
+            active = int(((ga if self.rule == "gate" else a).abs() > (cl.threshold or 0.0)).sum())
+            self._count(layer, active, cl.c * x.shape[0])
         return y
-
-    @staticmethod
-    def _select(vals: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values of the kept columns, zero where a token's neuron is inactive [N, m'], kept columns [m'])."""
-        if vals.shape[0] == 1:
-            pos = mask[0].nonzero().squeeze(1)
-            return vals.index_select(1, pos), pos
-        pos = mask.any(0).nonzero().squeeze(1)
-        return (vals * mask).index_select(1, pos), pos
 
     def _threshold(self, layer: int, cl: ColdLayer, x: torch.Tensor) -> torch.Tensor:
-        g = self.act(F.linear(x, cl.gate))  # [N, c]: every cold gate row is read
-        if self.rule == "gate":
-            mask = g.abs() > cl.threshold
-            coef, idx = self._select(g, mask)
-            y = self.kernel.up_down(x, coef, idx, cl.up_down)
-        else:
-            D = x.shape[-1]
-            a = g * F.linear(x, cl.up_down[:, :D])
-            mask = a.abs() > cl.threshold
-            coef, idx = self._select(a, mask)
-            y = self.kernel.down(coef, idx, cl.up_down)
-        self._count(layer, mask, int(idx.numel()))
-        return y
+        D = x.shape[-1]
+        if self.rule == "gate" and cl.up_down is not None:
+            # CATS on the bundled layout: every gate row, then one gathered [up | down] block
+            ga = self.act(F.linear(x, cl.gate))
+            mask = ga.abs() > cl.threshold
+            if x.shape[0] == 1:
+                idx = mask[0].nonzero().squeeze(1)
+                coef = ga.index_select(1, idx)
+            else:
+                idx = mask.any(0).nonzero().squeeze(1)
+                coef = (ga * mask).index_select(1, idx)
+            self._count(layer, int(mask.sum()) if x.shape[0] > 1 else int(idx.numel()), int(idx.numel()))
+            return self.kernel.up_down(x, coef, idx, cl.up_down)
+        ga, u = self._gate_up(cl, x)
+        a = ga * u
+        mask = (ga if self.rule == "gate" else a).abs() > cl.threshold
+        w, idx, off = csr(a, mask)
+        self._count(layer, int(idx.numel()), int(idx.numel()))
+        return self.kernel.down(w, idx, off, self._down_rows(cl, D))
 
     def _predicted(self, layer: int, cl: ColdLayer, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """pred [N, c] bool from the predictor: only those neurons' gate rows are read; t_l applies to them."""
+        """pred [N, c] bool from the predictor: only those neurons' rows are read; t_l applies to them too."""
+        D = x.shape[-1]
         cand = pred.any(0).nonzero().squeeze(1) if pred.shape[0] > 1 else pred[0].nonzero().squeeze(1)
         pm = pred.index_select(1, cand)  # [N, m]
-        g = self.act(F.linear(x, cl.gate.index_select(0, cand)))  # [N, m]
-        if self.rule == "gate":
-            mask = (g.abs() > cl.threshold) & pm
-            coef, pos = self._select(g, mask)
-            idx = cand.index_select(0, pos)
-            y = self.kernel.up_down(x, coef, idx, cl.up_down)
-            rows = int(idx.numel())
+        if cl.gate_up is not None:
+            g, u = F.linear(x, cl.gate_up.index_select(0, torch.cat([cand, cand + cl.c]))).chunk(2, dim=-1)
+            ga = self.act(g)
         else:
-            D = x.shape[-1]
-            blk = cl.up_down.index_select(0, cand)
-            a = g * F.linear(x, blk[:, :D])
-            mask = (a.abs() > cl.threshold) & pm
-            y = F.linear(a * mask, blk[:, D:].t())
-            rows = int(cand.numel())
-        self._count(layer, mask, rows, int(pm.sum()))
-        return y
+            ga = self.act(F.linear(x, cl.gate.index_select(0, cand)))
+            if self.rule == "gate":
+                mask = (ga.abs() > cl.threshold) & pm
+                coef = ga * mask
+                if x.shape[0] == 1:
+                    pos = mask[0].nonzero().squeeze(1)
+                else:
+                    pos = mask.any(0).nonzero().squeeze(1)
+                idx = cand.index_select(0, pos)
+                self._count(layer, int(mask.sum()), int(idx.numel()), int(pm.sum()))
+                return self.kernel.up_down(x, coef.index_select(1, pos), idx, cl.up_down)
+            u = F.linear(x, cl.up_down.index_select(0, cand)[:, :D])
+        a = ga * u
+        mask = ((ga if self.rule == "gate" else a).abs() > cl.threshold) & pm
+        w, pos, off = csr(a, mask)
+        self._count(layer, int(pos.numel()), int(pos.numel()), int(pm.sum()))
+        return self.kernel.down(w, cand.index_select(0, pos), off, self._down_rows(cl, D))
 
 
 class HybridModel:
@@ -197,7 +214,7 @@ class HybridModel:
             raise InputError(f"bundle {bundle.path} has no activation thresholds, which --mode {mode} needs",
                              "re-export with --profile and --sparsity (or --threshold), pass --threshold, or use --mode exact")
         self.thresholds = ts
-        self.rule = bundle.rule or "gate"
+        self.rule = bundle.rule or "product"
         self.stats = Measurements(cfg.n_layers, self.device, enabled=measure)
         self.kernel = get_kernel(kernel)
         on_cpu = self.device.type == "cpu"
@@ -225,8 +242,8 @@ class HybridModel:
                 lw = lw.for_decode()
             t = None if ts is None else float(ts[i])
             self.gpu_layers.append(GpuLayer(lw=lw, k=n_hot[i], threshold=t))
-            self.cold_layers.append(ColdLayer(gate=bundle.cpu[p + "cold_gate"], up_down=bundle.cpu[p + "cold_up_down"],
-                                              threshold=t))
+            self.cold_layers.append(ColdLayer(threshold=t, **{k: bundle.cpu[p + "cold_" + k] for k in
+                                                               COLD_TENSORS[bundle.cpu_layout]}))
         self.predictors = None
         if mode == "predictor":
             from hotcold.runtime.predictor import Predictors

@@ -54,8 +54,8 @@ class Predictors:
             k = n_hot[i]
             if backend == "torch":
                 w = read_weights(path)
-                self.layers.append(tuple(torch.from_numpy(w[n]).to(device) for n in ("w1", "b1")) +
-                                   tuple(torch.from_numpy(np.ascontiguousarray(w[n][k:])).to(device) for n in ("w2", "b2")))
+                self.layers.append(tuple(torch.from_numpy(np.array(w[n])).to(device) for n in ("w1", "b1")) +
+                                   tuple(torch.from_numpy(np.array(w[n][k:])).to(device) for n in ("w2", "b2")))
             else:
                 import onnxruntime as ort
 

@@ -29,7 +29,8 @@ class PhaseStats:
         self.cpu_s = np.zeros(n_layers)
         self.active_gpu = np.zeros(n_layers, dtype=np.int64)  # activated hot neurons (token x neuron)
         self.active_cpu = np.zeros(n_layers, dtype=np.int64)  # activated cold neurons computed by the CPU
-        self.rows_cpu = np.zeros(n_layers, dtype=np.int64)  # cold neurons whose up/down rows were read
+        self.rows_cpu = np.zeros(n_layers, dtype=np.int64)  # cold neurons whose up/down rows were read (per forward:
+        # a multi-token forward reads the union of its tokens' active neurons once)
         self.predicted = np.zeros(n_layers, dtype=np.int64)  # cold neurons the predictor chose (predictor mode)
 
     def to_json(self, n_hot: list[int], n_ff: int) -> dict[str, Any]:
@@ -39,11 +40,12 @@ class PhaseStats:
         for i in range(len(self.gpu_s)):
             tot = int(self.active_gpu[i] + self.active_cpu[i])
             per_layer.append({
-                "layer": i, "gpu_ms_per_token": 1e3 * self.gpu_s[i] / tok, "cpu_ms_per_token": 1e3 * self.cpu_s[i] / tok,
+                "layer": i, "gpu_ms_per_token": float(1e3 * self.gpu_s[i] / tok),
+                "cpu_ms_per_token": float(1e3 * self.cpu_s[i] / tok),
                 "gpu_share": (int(self.active_gpu[i]) / tot) if tot else None,
                 "active_fraction": tot / (tok * n_ff),
-                "cold_rows_read_per_token": float(self.rows_cpu[i]) / tok,
-                "predicted_per_token": float(self.predicted[i]) / tok,
+                "cold_rows_read_per_forward": float(self.rows_cpu[i]) / max(self.forwards, 1),
+                "predicted_per_forward": float(self.predicted[i]) / max(self.forwards, 1),
                 "n_hot": n_hot[i]})
         return {
             "forwards": self.forwards, "tokens": self.tokens, "seconds": self.seconds,
