@@ -13,6 +13,9 @@ Reported: plain seconds, profiled seconds (counting pass) and the calibration pa
 overhead of the counting pass (the per-token cost of profiling) and the overhead including calibration.
 Both runs must produce identical tokens (the profiler observes, never changes, the forward pass).
 Warm-up (one prompt each way) excluded. Also: the time to build and write an 80 x 28672 synthetic profile.
+
+On a shared machine run it with OMP_WAIT_POLICY=PASSIVE: with other processes on the cores, OpenMP
+threads that spin-wait slow 2-thread decoding down by an order of magnitude (recorded under machine.env).
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ def main() -> None:
         "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": a.threads,
-                    "torch": torch.__version__, "loadavg_before": load0, "loadavg_after": os.getloadavg()},
+                    "torch": torch.__version__, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+                    "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ}},
         "model": src.description, "dataset": f"{a.dataset} {a.split}", "prompts": len(seqs), "max_new_tokens": n,
         "activation": res.profile.manifest["activation"]["kind"],
         "calibration_prompts": (res.profile.manifest.get("calibration") or {}).get("prompts"),

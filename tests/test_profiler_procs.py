@@ -47,21 +47,38 @@ def assert_same(a: Profile, b: Profile) -> None:
     assert a.manifest["activation"] == b.manifest["activation"]
 
 
+def in_process(model: str, args: dict, **opts):
+    """The single-process reference, run here with one thread (as torchrun's workers have)."""
+    import torch
+
+    from hotcold.profiler.engine import ProfileOptions, run_profile
+    from hotcold.workloads import load_dataset
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_profile(model, load_dataset("embedded", **args), ProfileOptions(**opts)).profile
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_torchrun_two_processes_equal_one(tmp_path):
+    from hotcold.profiler.activation import ActivationSpec
+
     # --sparsity calibrates across ranks (all-reduced histograms); --samples gathers every rank's share
-    args = ["-m", TINY, "-d", "embedded", "--limit", "7", "-n", "6", "--sparsity", "0.6", "--calibration-prompts",
-            "3", "--samples", "12", "--no-progress", "--json"]
-    one = hotcold_run(*args, "-o", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
-    two = hotcold_run(*args, "-o", str(tmp_path / "two"),
+    two = hotcold_run("-m", TINY, "-d", "embedded", "--limit", "7", "-n", "6", "--sparsity", "0.6",
+                      "--calibration-prompts", "3", "--samples", "12", "--no-progress", "--json",
+                      "-o", str(tmp_path / "two"),
                       launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
     assert two.returncode == 0, two.stderr
     out = json.loads(two.stdout)  # rank 0 alone prints
     assert out["world_size"] == 2 and out["prompts"] == 7
-    a, b = Profile.load(tmp_path / "one", with_samples=True), Profile.load(tmp_path / "two", with_samples=True)
-    assert_same(a, b)
+    one = in_process(TINY, {"limit": 7}, max_new_tokens=6, activation=ActivationSpec(sparsity=0.6),
+                     calibration_prompts=3, samples=12)
+    b = Profile.load(tmp_path / "two", with_samples=True)
+    assert_same(one, b)
     for k in ("x", "mask", "phase"):
-        np.testing.assert_array_equal(a.samples[k], b.samples[k])
+        np.testing.assert_array_equal(one.samples[k], b.samples[k])
     assert b.manifest["run"]["world_size"] == 2
     assert not list(tmp_path.glob(".two*"))  # checkpoints and temp dirs cleaned up
 
@@ -76,19 +93,22 @@ def wait_for_checkpoint(proc: subprocess.Popen, ck: Path, after_ns: int = 0) -> 
     raise AssertionError(f"no new checkpoint (the run exited with {proc.poll()})")
 
 
-def test_interrupted_and_killed_run_leave_no_profile_and_resume(tmp_path):
-    import torch
+def checkpoint_done(ck: Path) -> int:
+    from safetensors import safe_open
 
+    with safe_open(str(ck), framework="numpy") as f:
+        return int(json.loads(f.metadata()["hotcold"])["done"])
+
+
+def test_interrupted_and_killed_run_leave_no_profile_and_resume(tmp_path):
     from hotcold.profiler.activation import ActivationSpec
     from hotcold.profiler.engine import ProfileOptions, run_profile
-    from hotcold.workloads import load_dataset
 
     model = "random:tiny:max_seq_len=1024,n_layers=8"
     out = tmp_path / "prof"
     ck = tmp_path / ".prof.checkpoint" / "rank0-of-1.safetensors"
-    args = ["-m", model, "-d", "embedded", "--limit", "32", "-n", "32", "--threshold", "0.1",
-            "--checkpoint-every", "2", "--no-progress", "--json", "-o", str(out)]
-    cmd = [sys.executable, "-m", "hotcold", "profile", "run", *args]
+    cmd = [sys.executable, "-m", "hotcold", "profile", "run", "-m", model, "-d", "embedded", "--limit", "16",
+           "-n", "24", "--threshold", "0.1", "--checkpoint-every", "2", "--no-progress", "--json", "-o", str(out)]
 
     # 1. Ctrl-C after the first checkpoint: one line saying how to resume, exit 130, no profile
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
@@ -101,30 +121,34 @@ def test_interrupted_and_killed_run_leave_no_profile_and_resume(tmp_path):
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "re-run the same command to resume" in stderr and "Traceback" not in stderr
     assert not out.exists()
+    first = checkpoint_done(ck)
 
-    # 2. the same command resumes; SIGKILL it once it has written a newer checkpoint
-    first = ck.stat().st_mtime_ns
+    # 2. the same command resumes (its next checkpoint is further on); SIGKILL it there
+    mtime = ck.stat().st_mtime_ns
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), cwd=REPO)
     try:
-        wait_for_checkpoint(proc, ck, after_ns=first)
+        wait_for_checkpoint(proc, ck, after_ns=mtime)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.communicate()
+    second = checkpoint_done(ck)
+    assert second > first  # continued, not restarted
     assert not out.exists()  # nothing half-written where the profile goes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prof.tmp")]
 
-    # 3. and again: it finishes from the last checkpoint, equal to an uninterrupted run
-    again = hotcold_run(*args)
-    assert again.returncode == 0, again.stderr
-    res = json.loads(again.stdout)
-    assert res["resumed_from_prompt"] >= 4 and res["resumed_from_prompt"] % 2 == 0
-    assert not ck.parent.exists()
+    # 3. finish (here, in-process): it resumes from the last checkpoint and equals an uninterrupted run
+    opts = dict(max_new_tokens=24, activation=ActivationSpec(threshold=0.1), checkpoint_every=2)
+    from hotcold.workloads import load_dataset
+
+    import torch
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fresh = run_profile(model, load_dataset("embedded", limit=32),
-                            ProfileOptions(max_new_tokens=32, activation=ActivationSpec(threshold=0.1))).profile
+        res = run_profile(model, load_dataset("embedded", limit=16), ProfileOptions(**opts), out=out)
     finally:
         torch.set_num_threads(n)
-    assert_same(Profile.load(out), fresh)
+    assert res.resumed_from == second
+    assert not ck.parent.exists()
+    assert_same(Profile.load(out), in_process(model, {"limit": 16}, **opts))

@@ -14,31 +14,38 @@ from hotcold.workloads import load_dataset
 pytestmark = pytest.mark.smollm
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: on a shared 2-core machine, spinning OpenMP threads make 2-thread decoding ~30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def mbpp3(mbpp_path):
     return load_dataset(f"mbpp:{mbpp_path}", "test", limit=3)
 
 
 def test_teacher_forced_streaming_equals_in_memory(smollm_source, smollm_dense, mbpp3):
-    opts = ProfileOptions(mode="teacher-forced", batch_size=2, calibration_prompts=2, samples=8)
+    # (calibrated thresholds stream identically too: test_profiler.py, on the tiny model)
+    opts = ProfileOptions(mode="teacher-forced", batch_size=2, activation=ActivationSpec(threshold=0.05), samples=8)
     mem = run_profile(smollm_source, mbpp3, opts, model=smollm_dense).profile
     st = run_profile(smollm_source, mbpp3, ProfileOptions(**{**opts.__dict__, "stream": True})).profile
     for name in ("active_count_prefill", "active_count_decode", "hist_prefill", "hist_decode"):
         np.testing.assert_array_equal(getattr(mem, name), getattr(st, name), err_msg=name)
-    assert mem.manifest["activation"] == st.manifest["activation"]  # thresholds calibrated identically
     assert mem.token_count == st.token_count and mem.token_count["decode"] > 50
     for k in ("x", "mask", "phase"):
         np.testing.assert_array_equal(mem.samples[k], st.samples[k])
-    # the calibration target is met on the calibration prompts' tokens (2 of the 3 here)
     tokens = mem.token_count["prefill"] + mem.token_count["decode"]
-    assert 0.4 < 1 - mem.active_count.sum() / (tokens * mem.n_ff * mem.n_layers) < 0.6
+    assert 0.05 < mem.active_count.sum() / (tokens * mem.n_ff * mem.n_layers) < 0.95  # a threshold that bites
 
 
 def test_generate_counts_equal_recomputation(smollm_source, smollm_dense, mbpp3):
-    from hotcold.model.generate import generate
     from hotcold.profiler.sequences import encode_tasks, tokenizer_for
 
-    new, t = 12, 0.05
+    new, t = 10, 0.05
     opts = ProfileOptions(mode="generate", max_new_tokens=new, activation=ActivationSpec(threshold=t), keep_tokens=True)
     tasks = load_dataset(mbpp3.spec, "test", limit=2)
     res = run_profile(smollm_source, tasks, opts, model=smollm_dense)
@@ -48,9 +55,7 @@ def test_generate_counts_equal_recomputation(smollm_source, smollm_dense, mbpp3)
     expect = np.zeros((2, L, Fn), np.int64)
     tokens = [0, 0]
     for s in encode_tasks(tasks.tasks, tok, "generate"):
-        gen = res.generated[s.id]
-        # the hook does not change what is generated
-        assert gen == generate(model, list(s.prompt), new, eos_ids=tok.eos_ids).new_ids
+        gen = res.generated[s.id]  # (bench_profiler.py checks they equal plain generation's)
         rec: list[tuple[int, np.ndarray]] = []
 
         def hook(layer, x, a):
