@@ -93,7 +93,7 @@ def run_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="teacher-forced: sequences per forward.")] = 8,
     prompt_format: Annotated[str, typer.Option("--prompt-format", help="chat (the model's chat template) or raw.")] = "chat",
     calibration_prompts: Annotated[Optional[int], typer.Option("--calibration-prompts", help="--sparsity: the first N prompts' |a| histograms set t_l (default 4 in generate mode, 16 teacher-forced).")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="Keep this many (x, mask) token samples for predictor training.")] = 0,
+    samples: Annotated[int, typer.Option("--samples", help="Keep this many (x, mask) token samples for predictor training (each costs n_layers x (2 dim + n_ff) bytes).")] = 0,
     seed: SeedOpt = 0,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Write a checkpoint every K prompts (default 16; --stream: one pass, no checkpoint).")] = None,
     checkpoint_dir: Annotated[Optional[Path], typer.Option("--checkpoint-dir", help="Where checkpoints go (default: .OUT.checkpoint beside --out).")] = None,
