@@ -33,6 +33,9 @@ STAGES = (
 )
 
 
+_ENV_DEBUG = os.environ.get("HOTCOLD_DEBUG")
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"hotcold {__version__}")
@@ -45,8 +48,14 @@ def _root(
                                           help="Print the version and exit.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
+    # --debug for this invocation only (in-process callers such as tests invoke the app many times);
+    # HOTCOLD_DEBUG=1 in the environment still turns it on for every command.
     if debug:
         os.environ["HOTCOLD_DEBUG"] = "1"
+    elif _ENV_DEBUG is None:
+        os.environ.pop("HOTCOLD_DEBUG", None)
+    else:
+        os.environ["HOTCOLD_DEBUG"] = _ENV_DEBUG
 
 
 for _mod in STAGES:
