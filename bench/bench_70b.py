@@ -70,7 +70,22 @@ def main() -> None:
     ap.add_argument("--hardware", default="h200")
     ap.add_argument("--runs", default="dense-gpu,layer-split,stream,hotcold-fixed,hotcold-adaptive,hotcold-dynamic,threshold")
     ap.add_argument("--cpu-threads", type=int)
+    ap.add_argument("--probe-threads", action="store_true",
+                    help="measure the engine-like kernel call pattern under several threading settings, "
+                         "then run the bench under the best one")
+    ap.add_argument("--call-pattern", help="(internal) measure the call pattern, write JSON here")
     a = ap.parse_args()
+    if a.call_pattern:
+        from hotcold.accel.calib import call_pattern
+        from hotcold.accel.bench import save_json
+
+        n = os.cpu_count() or 1
+        save_json(call_pattern(tuple(sorted({n, max(1, n - 2), max(1, 3 * n // 4), max(1, n // 2)}, reverse=True)), log=log),
+                  a.call_pattern)
+        return
+    if a.probe_threads:
+        probe(a)
+        return
     from hotcold.accel.bench import BenchOptions, prepare, run_bench, save_json
     from hotcold.memory import default_predictor_rank
     from hotcold.model.config import shape
@@ -107,11 +122,15 @@ def main() -> None:
             calib["device_error"] = repr(ex)
         save_json(calib, out / "calib.json")
         try:
+            from hotcold.accel.calib import triton_gemv_probe
+
+            calib["gemv_probe"] = triton_gemv_probe(log)
+        except Exception as ex:  # noqa: BLE001
+            calib["gemv_probe_error"] = repr(ex)
+        try:
             n = os.cpu_count() or 1
-            calib["cold_kernel"] = cold_kernel_table(threads=(None, max(1, n // 2)), log=log,
+            calib["cold_kernel"] = cold_kernel_table(threads=(a.cpu_threads or max(1, n - 2),), log=log,
                                                      backends=("numba",), dtypes=("float16", "bfloat16", "float32"))
-            calib["cold_kernel"] += cold_kernel_table(dtypes=("float16",), backends=("torch",),
-                                                      modes=("predictor", "threshold"), log=log)
         except Exception as ex:  # noqa: BLE001
             calib["cold_kernel_error"] = repr(ex)
         save_json(calib, out / "calib.json")
@@ -136,6 +155,36 @@ def main() -> None:
     from hotcold.accel.cli import print_table
 
     print_table(res)
+
+
+def probe(a) -> None:
+    """Each threading setting in its own process (the layer is chosen at start), then the bench under the best."""
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = {"default": {}, "omp-active": {"NUMBA_THREADING_LAYER": "omp", "OMP_WAIT_POLICY": "ACTIVE"},
+                "workqueue": {"NUMBA_THREADING_LAYER": "workqueue"}}
+    rows = []
+    for name, extra in variants.items():
+        path = out / f"probe_{name}.json"
+        env = {**os.environ, **extra}
+        r = subprocess.run([sys.executable, __file__, "--call-pattern", str(path)], env=env, text=True,
+                           capture_output=True, timeout=120)
+        print(r.stdout[-1500:], r.stderr[-800:], flush=True)
+        if r.returncode == 0 and path.exists():
+            for row in json.loads(path.read_text()):
+                rows.append({**row, "variant": name})
+            path.unlink()
+    (out / "thread_probe.json").write_text(json.dumps(rows, indent=1))
+    if not rows:
+        best_env, threads = {}, None
+    else:
+        best = min(rows, key=lambda r: r["ms_median"])
+        best_env, threads = variants[best["variant"]], best["threads"]
+        log(f"best threading: {best['variant']} with {threads} threads ({best['ms_median']:.3f} ms per call)")
+    argv = [x for x in sys.argv[1:] if x != "--probe-threads"]
+    if threads and "--cpu-threads" not in argv:
+        argv += ["--cpu-threads", str(threads)]
+    os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **best_env})
 
 
 if __name__ == "__main__":

@@ -154,7 +154,12 @@ def run_engine(eng, tokens: int, warm: int, start_token: int = 1, gpu_probe: int
            "cpu_kernel_ms_per_token": 1e3 * tt.cpu_kernel_s / tokens,
            "cpu_wait_ms_per_token": 1e3 * tt.cpu_wait_s / tokens,
            "cpu_GBps": (tt.cpu_bytes / tt.cpu_kernel_s / 1e9) if tt.cpu_kernel_s else None,
-           "cold_active_per_token": tt.cold_active / tokens}
+           "cpu_MB_per_token": tt.cpu_bytes / tokens / 1e6,
+           "cold_active_per_token": tt.cold_active / tokens,
+           "host_ms_per_token": {"launch": 1e3 * tt.launch_s / tokens, "wait_gpu": 1e3 * tt.cpu_wait_s / tokens,
+                                 "prep": 1e3 * tt.prep_s / tokens, "kernel": 1e3 * tt.cpu_kernel_s / tokens,
+                                 "post": 1e3 * tt.post_s / tokens},
+           "ms_per_token_p90": 1e3 * per[int(0.9 * (len(per) - 1))]}
     if eng.cuda and gpu_probe:
         eng.time_gpu = True
         eng.totals = type(eng.totals)()
@@ -271,7 +276,7 @@ class BenchOptions:
     gpu_budget_full: int = 48 * 10**9  # at the model's full depth
     cold_density: float | None = 0.10  # mean frequency of cold neurons under the fixed placement; None: as profiled
     tokens: int = 32
-    warm: int = 8
+    warm: int = 16
     dyn_tokens: int = 192
     max_len: int = 512
     dtype: str = "float16"
@@ -442,6 +447,8 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         return [p.hot_indices(l).astype(np.int64) for l in range(cfg.n_layers)], \
                [p.cold_indices(l).astype(np.int64) for l in range(cfg.n_layers)]
 
+    masks: dict[str, tuple] = {}
+
     def hotcold_run(name, p, f_work, dynamic=False, tokens=None):
         free_cuda()
         if dev.type == "cuda":
@@ -469,6 +476,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
             hm[l][eng.gl[l].hot_ids] = True
         r["predicted"] = predict_ms(cm, f_work, hm)
         r["model_error"] = r["predicted"]["ms_per_token"] / r["ms_per_token"] - 1
+        masks[name] = (hm, f_work, "predictor")
         for label, h in o.predict_hw:
             pr = predict_ms(CostModel(cfg, h, dt_name, **cm_args), f_work, hm)
             r[f"predicted_{label}"] = pr
@@ -502,6 +510,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
             if f_shift is not None:
                 hotcold_run(f"hotcold-{pol}@shifted", placements[pol], f_shift)
     if "hotcold-dynamic" in o.runs:
+        hotcold_run("hotcold-fixed-long", placements["fixed"], f_match, tokens=o.dyn_tokens)
         hotcold_run("hotcold-dynamic", placements["fixed"], f_match, dynamic=True, tokens=o.dyn_tokens)
         if f_shift is not None:
             hotcold_run("hotcold-fixed@shifted-long", placements["fixed"], f_shift, tokens=o.dyn_tokens)
@@ -521,6 +530,8 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
             hm[l][eng.gl[l].hot_ids] = True
         r["expected_cold_density"] = float(fm[~hm].mean())
         r["predicted"] = predict_ms(CostModel(cfg, hw, dt_name, cold_mode="threshold", ctx_len=o.max_len), fm, hm)
+        r["model_error"] = r["predicted"]["ms_per_token"] / r["ms_per_token"] - 1
+        masks["hotcold-fixed-threshold"] = (hm, fm, "threshold")
         extrap(r, head_ms)
         res["runs"]["hotcold-fixed-threshold"] = r
         log(f"threshold: {r['ms_per_token']:.2f} ms/token, cold density measured {r['measured_cold_density']:.3f} "
@@ -543,6 +554,9 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         free_cuda()
         ckpt()
 
+    if "hotcold-fixed" in res["runs"] and "dense-gpu" in res["runs"]:
+        fit_hardware(res, hw, cfg, dt_name, o, masks, rank)
+        ckpt()
     res["peak_rss_bytes"] = rss_peak_bytes()
     if dev.type == "cuda":
         res["peak_gpu_bytes_process"] = torch.cuda.max_memory_reserved(dev)
@@ -615,6 +629,48 @@ def prepare(o: BenchOptions, cfg: ModelConfig, dt_name: str, hw, rank: int, res:
             "placements": placements}
 
 
+def fit_hardware(res: dict[str, Any], hw, cfg: ModelConfig, dt_name: str, o: BenchOptions, masks: dict,
+                 rank: int) -> None:
+    """Fix the cost model's parameters with what this run measured, and predict every run again.
+
+    gpu.bandwidth  = the all-GPU run's achieved weight+KV bytes per second
+    cpu.bandwidth  = hotcold-fixed's cold-kernel bytes per second
+    sync_seconds   = hotcold-fixed's time not explained by the model with the two above and no sync,
+                     per split layer (exchange, launches, host work around the kernel)
+    Fitted on hotcold-fixed (and dense-gpu); every other run is an out-of-sample check.
+    """
+    import dataclasses
+
+    from hotcold.solver.costmodel import CostModel
+
+    R = res["runs"]
+    d, f = R["dense-gpu"], R["hotcold-fixed"]
+    gpu_bw = d["gpu_bytes_per_token"] / (d["ms_per_token"] * 1e-3)
+    cpu_bw = f["cpu_GBps"] * 1e9
+    base = dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, bandwidth=gpu_bw),
+                               cpu=dataclasses.replace(hw.cpu, bandwidth=cpu_bw),
+                               link=dataclasses.replace(hw.link, sync_seconds=0.0))
+    hm, fw, _ = masks["hotcold-fixed"]
+    p0 = predict_ms(CostModel(cfg, base, dt_name, cold_mode="predictor", ctx_len=o.max_len, predictor_rank=rank), fw, hm)
+    n_split = int((~hm).any(axis=1).sum())
+    sync = max(0.0, (f["ms_per_token"] - p0["ms_per_token"]) * 1e-3 / max(n_split, 1))
+    fitted = dataclasses.replace(base, name=f"{hw.name}-fitted", link=dataclasses.replace(base.link, sync_seconds=sync),
+                                 source="fitted by hotcold bench (hotcold.accel.bench.fit_hardware)",
+                                 notes={**hw.notes, "gpu.bandwidth": "fitted: dense-gpu run, achieved",
+                                        "cpu.bandwidth": "fitted: hotcold-fixed run, cold kernel achieved",
+                                        "link.sync_seconds": "fitted: hotcold-fixed time not explained, per split layer"})
+    res["hardware_fitted"] = fitted.to_json()
+    for name, (m, fwork, mode) in masks.items():
+        kw = {"predictor_rank": rank} if mode == "predictor" else {}
+        pr = predict_ms(CostModel(cfg, fitted, dt_name, cold_mode=mode, ctx_len=o.max_len, **kw), fwork, m)
+        R[name]["predicted_fitted_hw"] = pr
+        R[name]["model_error_fitted_hw"] = pr["ms_per_token"] / R[name]["ms_per_token"] - 1
+    pr = predict_ms(CostModel(cfg, fitted, dt_name, cold_mode="exact", ctx_len=o.max_len), fw,
+                    np.ones_like(hm))
+    d["predicted_fitted_hw"] = pr
+    d["model_error_fitted_hw"] = pr["ms_per_token"] / d["ms_per_token"] - 1
+
+
 def summarize(res: dict[str, Any]) -> dict[str, Any]:
     """The acceptance ratios (issue 6), from one run."""
     R = res["runs"]
@@ -638,6 +694,10 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         out["dense_gpu_over_floor"] = R["dense-gpu"]["ratio_to_floor"]
     errs = {k: v.get("model_error") for k, v in R.items() if v.get("model_error") is not None}
     out["model_error"] = errs
+    out["model_error_fitted_hw"] = {k: v.get("model_error_fitted_hw") for k, v in R.items()
+                                    if v.get("model_error_fitted_hw") is not None}
+    if "hotcold-dynamic" in R and "hotcold-fixed-long" in R:
+        out["dynamic_speedup_matched"] = R["hotcold-fixed-long"]["ms_per_token"] / R["hotcold-dynamic"]["ms_per_token"]
     if "hotcold-dynamic@shifted" in R and "hotcold-fixed@shifted-long" in R:
         out["dynamic_speedup_on_shift"] = (R["hotcold-fixed@shifted-long"]["ms_per_token"]
                                            / R["hotcold-dynamic@shifted"]["ms_per_token"])

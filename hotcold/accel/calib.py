@@ -153,3 +153,80 @@ def measured_spec(m: dict[str, Any], cold_GBps: float, name: str = "h200-measure
                   "link": "measured: pinned 256 MiB copies; 32 KB round trip + event sync"})
     return dataclasses.replace(base, name=name, gpu=gpu, cpu=cpu, link=link, source="measured (hotcold.accel.calib)",
                                notes=notes, measurements=m)
+
+
+def call_pattern(threads: tuple[int, ...], dim: int = 8192, rows: int = 22938, density: float = 0.10,
+                 gap_s: float = 4e-4, calls: int = 60, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The cold kernel as the engine calls it: short predictor-mode calls separated by `gap_s` of host work
+    (the GPU's part of a layer), so thread wake-up costs show. Median per call, per thread count."""
+    from hotcold.accel.kernels import ColdKernel
+
+    g = torch.Generator().manual_seed(0)
+    gate = (torch.randn(rows, dim, generator=g) * dim ** -0.5).to(torch.float16)
+    ud = (torch.randn(rows, 2 * dim, generator=g) * dim ** -0.5).to(torch.float16)
+    x = torch.randn(dim, generator=g)
+    rng = np.random.default_rng(0)
+    sels = [torch.from_numpy(np.flatnonzero(rng.random(rows) < density).astype(np.int32)) for _ in range(8)]
+    out = []
+    for th in threads:
+        k = ColdKernel(dim, "numba", th)
+        k.warm_up(torch.float16)
+        ts, nbytes = [], 0
+        for i in range(calls):
+            t_end = time.perf_counter() + gap_s
+            while time.perf_counter() < t_end:
+                pass
+            t0 = time.perf_counter()
+            r = k(x, gate, ud, "predictor", sel=sels[i % 8])
+            ts.append(time.perf_counter() - t0)
+            nbytes = r.bytes_read
+        med = statistics.median(ts[5:])
+        row = {"threads": th, "ms_median": med * 1e3, "ms_mean": 1e3 * sum(ts[5:]) / len(ts[5:]),
+               "GBps_median": nbytes / med / 1e9, "env": {k_: os.environ.get(k_) for k_ in
+                                                          ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")}}
+        out.append(row)
+        log(f"call pattern t={th}: {row['ms_median']:.3f} ms median, {row['ms_mean']:.3f} mean, "
+            f"{row['GBps_median']:.1f} GB/s  {row['env']}")
+    return out
+
+
+def triton_gemv_probe(log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Does a plain Triton GEMV beat cuBLAS (F.linear) at batch 1 on a 70B FFN-sized matrix? (measure only)"""
+    import torch.nn.functional as F
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv(W, X, Y, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(W + rows[:, None] * K + cols[None, :], mask=rows[:, None] < N, other=0.0)
+            x = tl.load(X + cols)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        tl.store(Y + rows, acc, mask=rows < N)
+
+    dev = torch.device("cuda")
+    N, K = 57344, 8192
+    w = torch.randn(N, K, device=dev, dtype=torch.float16)
+    x = torch.randn(K, device=dev, dtype=torch.float16)
+    y = torch.empty(N, device=dev, dtype=torch.float32)
+    ref = F.linear(x, w).float()
+    sync = torch.cuda.synchronize
+    out = [{"kernel": "F.linear", "GBps": w.numel() * 2 / _t(lambda: F.linear(x, w), 30, sync) / 1e9}]
+    for bn, bk, nw in ((4, 512, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8)):
+        try:
+            def run():
+                gemv[(triton.cdiv(N, bn),)](w, x, y, N, K, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+            run()
+            sync()
+            err = float((y - ref).norm() / ref.norm())
+            out.append({"kernel": f"triton bn={bn} bk={bk} warps={nw}", "rel_err": err,
+                        "GBps": w.numel() * 2 / _t(run, 30, sync) / 1e9})
+        except Exception as ex:  # noqa: BLE001 - a probe: record and go on
+            out.append({"kernel": f"triton bn={bn} bk={bk} warps={nw}", "error": repr(ex)[:200]})
+    for r in out:
+        log(f"gemv probe: {r}")
+    return out

@@ -78,6 +78,9 @@ class StepStats:
     cpu_bytes: int = 0
     cold_active: int = 0
     gpu_s: float = 0.0  # GPU busy time in the segments (only with engine.time_gpu, CUDA events)
+    launch_s: float = 0.0  # host time launching GPU segments and copies
+    prep_s: float = 0.0  # host time between the GPU's FFN input arriving and the kernel starting
+    post_s: float = 0.0  # host time after the kernel (sending y back, statistics)
 
 
 @dataclass
@@ -89,6 +92,9 @@ class Totals:
     cpu_bytes: int = 0
     cold_active: int = 0
     gpu_s: float = 0.0
+    launch_s: float = 0.0
+    prep_s: float = 0.0
+    post_s: float = 0.0
     per_token_s: list[float] = field(default_factory=list)
 
     def add(self, s: StepStats) -> None:
@@ -99,6 +105,9 @@ class Totals:
         self.cpu_bytes += s.cpu_bytes
         self.cold_active += s.cold_active
         self.gpu_s += s.gpu_s
+        self.launch_s += s.launch_s
+        self.prep_s += s.prep_s
+        self.post_s += s.post_s
         self.per_token_s.append(s.seconds)
 
 
@@ -303,11 +312,14 @@ class HybridEngine:
             sel = torch.from_numpy(np.flatnonzero(m).astype(np.int32))
         thr = float(self.thr[l] if self.cold_mode == "threshold" else self.stat_thr[l])
         out = self.y_host if self.cuda else self.y_dev
+        t2 = time.perf_counter()
         r = self.kernel(x, c.gate, c.up_down, self.cold_mode, sel=sel, thr=thr, active=self.active[l], out=out)
+        t3 = time.perf_counter()
         if self.cuda:
             self.y_dev.copy_(self.y_host, non_blocking=True)
         st.cpu_wait_s += t1 - t0
-        st.cpu_kernel_s += r.seconds
+        st.prep_s += t2 - t1
+        st.cpu_kernel_s += t3 - t2
         st.cpu_bytes += r.bytes_read
         st.cold_active += r.n_active
         self._cold_active_last[l] = r.n_active
@@ -316,6 +328,7 @@ class HybridEngine:
                 # exact mode computes every neuron; activity for the statistics is |s| > stat_thr
                 self._exact_activity(l, x)
             self.cold_count[l] += self.active[l].numpy()
+        st.post_s += time.perf_counter() - t3
 
     def _exact_activity(self, l: int, x: torch.Tensor) -> None:
         c = self.cl[l]
@@ -384,6 +397,7 @@ class HybridEngine:
         seg = 0
         evs = []
         for kind, v in self._plan:
+            ta = time.perf_counter()
             if kind == "gpu":
                 if self.time_gpu and self.cuda:
                     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -394,14 +408,18 @@ class HybridEngine:
                 else:
                     self._run_segment(seg, v)
                 seg += 1
+                st.launch_s += time.perf_counter() - ta
             elif kind == "send":
                 self._send(v)
+                st.launch_s += time.perf_counter() - ta
             else:
                 self._cold(v, st)
         if self.cuda:
             if self.target_density is not None:
                 self.hot_active_host.copy_(self.hot_active_dev, non_blocking=True)
+            ta = time.perf_counter()
             torch.cuda.current_stream(self.device).synchronize()
+            st.cpu_wait_s += time.perf_counter() - ta
         st.seconds = time.perf_counter() - t0
         st.gpu_s = sum(a.elapsed_time(b) for a, b in evs) * 1e-3
         if self.stats_on:
