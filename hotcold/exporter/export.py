@@ -198,26 +198,37 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
                 gw.write("output", src.lm_head(tdt))
             if predictor_opts is not None:
                 (tmp / fmt.PREDICTOR_DIR).mkdir()
+            scratch: dict[str, torch.Tensor] = {}
             for i in range(cfg.n_layers):
                 t = src.layer(i, torch.float32)
                 k = n_hot[i]
                 perm = torch.from_numpy(order[i])
                 hot, cold = perm[:k], perm[k:]
-                gate, up, down_t = t["w_gate"], t["w_up"], t["w_down"].t()  # [F, D] each (down_t: row = neuron)
+                # [F, D] each; down_t row n = neuron n's down column (one transpose per layer, then row gathers)
+                gate, up, down_t = t["w_gate"], t["w_up"], t["w_down"].t().contiguous()
+
+                def rows(w: torch.Tensor, idx: torch.Tensor, slot: str) -> torch.Tensor:
+                    """w[idx] gathered into a buffer reused across layers (no fresh allocation per layer)."""
+                    n = idx.numel() * w.shape[1]
+                    if scratch.get(slot) is None or scratch[slot].numel() < n:
+                        scratch[slot] = torch.empty(n, dtype=w.dtype)
+                    out = torch.index_select(w, 0, idx, out=scratch[slot][:n].view(idx.numel(), w.shape[1]))
+                    return out.to(tdt)
+
                 gw.write(f"layers.{i}.attn_norm", t["attn_norm"].to(tdt))
-                gw.write(f"layers.{i}.wqkv", torch.cat([t["wq"], t["wk"], t["wv"]]).to(tdt))
+                gw.write(f"layers.{i}.wqkv", [t["wq"].to(tdt), t["wk"].to(tdt), t["wv"].to(tdt)])
                 if cfg.qkv_bias:
-                    gw.write(f"layers.{i}.bqkv", torch.cat([t["bq"], t["bk"], t["bv"]]).to(tdt))
+                    gw.write(f"layers.{i}.bqkv", [t["bq"].to(tdt), t["bk"].to(tdt), t["bv"].to(tdt)])
                 gw.write(f"layers.{i}.wo", t["wo"].to(tdt))
                 gw.write(f"layers.{i}.ffn_norm", t["ffn_norm"].to(tdt))
-                gw.write(f"layers.{i}.hot_gate_up", torch.cat([gate[hot], up[hot]]).to(tdt))
-                gw.write(f"layers.{i}.hot_down", down_t[hot].to(tdt))
+                gw.write(f"layers.{i}.hot_gate_up", [rows(gate, hot, "a"), rows(up, hot, "b")])
+                gw.write(f"layers.{i}.hot_down", rows(down_t, hot, "a"))
                 if layout == "bundled":
-                    cw.write(f"layers.{i}.cold_gate", gate[cold].to(tdt))
-                    cw.write(f"layers.{i}.cold_up_down", torch.cat([up[cold], down_t[cold]], dim=1).to(tdt))
+                    cw.write(f"layers.{i}.cold_gate", rows(gate, cold, "a"))
+                    cw.write(f"layers.{i}.cold_up_down", torch.cat([rows(up, cold, "a"), rows(down_t, cold, "b")], dim=1))
                 else:
-                    cw.write(f"layers.{i}.cold_gate_up", torch.cat([gate[cold], up[cold]]).to(tdt))
-                    cw.write(f"layers.{i}.cold_down", down_t[cold].to(tdt))
+                    cw.write(f"layers.{i}.cold_gate_up", [rows(gate, cold, "a"), rows(up, cold, "b")])
+                    cw.write(f"layers.{i}.cold_down", rows(down_t, cold, "a"))
                 nw.write(f"layers.{i}.hot", hot.to(torch.int32))
                 nw.write(f"layers.{i}.cold", cold.to(torch.int32))
                 if thresholds is not None and t_source is not None and t_source.startswith("profile samples"):

@@ -53,17 +53,23 @@ class StreamingWriter:
         self.f.write(b)
         self.sha.update(b)
 
-    def write(self, name: str, t: torch.Tensor) -> None:
+    def write(self, name: str, t: torch.Tensor | list[torch.Tensor]) -> None:
+        """Write the next declared tensor: one tensor, or a list of row blocks stacked along dim 0
+        (written one after the other, so they are never concatenated in memory)."""
         if self.next >= len(self.specs):
             raise ValueError(f"{self.path.name}: unexpected tensor {name} (all declared tensors written)")
         want, (dtype, shape) = self.specs[self.next]
         if name != want:
             raise ValueError(f"{self.path.name}: expected tensor {want}, got {name}")
-        if TORCH_NAMES.get(t.dtype) != dtype or tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{self.path.name}: {name} is {t.dtype} {tuple(t.shape)}, declared {dtype} {shape}")
+        parts = t if isinstance(t, (list, tuple)) else [t]
+        rows = sum(int(p.shape[0]) for p in parts)
+        for p in parts:
+            if TORCH_NAMES.get(p.dtype) != dtype or (rows, *p.shape[1:]) != tuple(shape):
+                raise ValueError(f"{self.path.name}: {name} is {p.dtype} {(rows, *p.shape[1:])}, declared {dtype} {shape}")
         self.next += 1
-        if t.numel():
-            self._put(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        for p in parts:
+            if p.numel():
+                self._put(memoryview(p.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     def close(self) -> dict[str, Any]:
         """Finish the file; return its manifest record fields (bytes, sha256, tensors)."""

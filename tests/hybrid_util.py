@@ -1,0 +1,30 @@
+"""Helpers shared by the exporter/runtime/compile tests: placements from arrays, a profile of the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_placement(src, n_hot, order=None, seed: int = 0, fingerprint: str | None = None):
+    """A Placement built from the documented arrays (order [L, F] int32, n_hot [L] int32)."""
+    from hotcold.solver.placement import Placement
+
+    cfg = src.config
+    if order is None:
+        rng = np.random.default_rng(seed)
+        order = np.stack([rng.permutation(cfg.n_ff) for _ in range(cfg.n_layers)])
+    n_hot = np.broadcast_to(np.asarray(n_hot), (cfg.n_layers,))
+    manifest = {"model": {"config": cfg.to_json(), "fingerprint": fingerprint or src.fingerprint}}
+    return Placement(manifest=manifest, order=np.asarray(order, np.int32), n_hot=np.asarray(n_hot, np.int32))
+
+
+def frequency_order(profile) -> np.ndarray:
+    return np.argsort(-profile.frequencies(), axis=1, kind="stable").astype(np.int32)
+
+
+def tiny_profile(src, samples: int = 512, limit: int = 6, split: str = "train"):
+    from hotcold.profiler.engine import ProfileOptions, run_profile
+    from hotcold.workloads import load_dataset
+
+    ds = load_dataset("embedded", split, limit=limit)
+    return run_profile(src, ds, ProfileOptions(mode="teacher-forced", samples=samples)).profile

@@ -1,0 +1,186 @@
+"""Runtime on the tiny random model: exact == dense for every placement and layout, threshold mode ==
+the dense model with the same neurons zeroed, per-token semantics of sparse prefill, predictor mode,
+measurements, the GPU budget check, replaceable kernels, the shared generate() loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hotcold.errors import InfeasibleError, InputError
+from hotcold.exporter.export import ExportOptions, export_bundle
+from hotcold.model.dense import DenseModel
+from hotcold.model.generate import generate
+from hotcold.runtime import HybridModel, load
+from hotcold.runtime.bundle import Bundle
+from tests.hybrid_util import frequency_order, make_placement, tiny_profile
+
+PLACEMENTS = {"all_gpu": [256] * 4, "all_cpu": [0] * 4, "split": [0, 64, 200, 256]}
+IDS = [1, 17, 200, 33, 4, 99, 123, 7, 45, 300, 12, 8]
+
+
+@pytest.fixture(scope="module")
+def src():
+    from hotcold.model.registry import load_source
+
+    return load_source("random:tiny")
+
+
+@pytest.fixture(scope="module")
+def dense(src):
+    return DenseModel.from_source(src)
+
+
+@pytest.fixture(scope="module")
+def profile(src):
+    return tiny_profile(src)
+
+
+@pytest.fixture(scope="module")
+def bundles(src, profile, tmp_path_factory):
+    """(placement name, rule) -> bundle path; rule decides the CPU layout (product: split, gate: bundled)."""
+    root = tmp_path_factory.mktemp("bundles")
+    order = frequency_order(profile)
+    out = {}
+    for name, n_hot in PLACEMENTS.items():
+        for rule in ("product", "gate"):
+            p = root / f"{name}-{rule}"
+            export_bundle(src, make_placement(src, n_hot, order), p, profile=profile,
+                          options=ExportOptions(rule=rule, sparsity=0.5))
+            out[name, rule] = p
+    return out
+
+
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+@pytest.mark.parametrize("rule", ["product", "gate"])
+def test_exact_equals_dense(bundles, dense, name, rule):
+    m = load(bundles[name, rule], mode="exact")
+    x = torch.tensor([IDS])
+    torch.testing.assert_close(m.forward(x), dense.forward(x), atol=1e-5, rtol=1e-5)
+    gd, gr = generate(dense, IDS[:5], 16, keep_logits=True), generate(m, IDS[:5], 16, keep_logits=True)
+    assert gd.new_ids == gr.new_ids
+    assert max((a - b).abs().max().item() for a, b in zip(gd.logits, gr.logits)) < 1e-5
+
+
+def _masked_dense_hook(src, bundle, rule):
+    """The dense model with, per token, every cold neuron whose rule value is <= t_l zeroed."""
+    ts = bundle.thresholds
+    layers = [src.layer(i) for i in range(src.config.n_layers)]
+    cold = [bundle.cold_index(i).long() for i in range(src.config.n_layers)]
+
+    def hook(layer, x, a):
+        v = F.silu(F.linear(x, layers[layer]["w_gate"])) if rule == "gate" else a
+        keep = torch.ones_like(a, dtype=torch.bool)
+        keep[..., cold[layer]] = v[..., cold[layer]].abs() > ts[layer]
+        return a * keep
+
+    return hook
+
+
+@pytest.mark.parametrize("name", ["all_cpu", "split"])
+@pytest.mark.parametrize("rule", ["product", "gate"])
+def test_threshold_equals_masked_dense(src, bundles, dense, name, rule):
+    m = load(bundles[name, rule], mode="threshold", prefill="sparse")
+    x = torch.tensor([IDS])
+    want = dense.forward(x, hook=_masked_dense_hook(src, m.bundle, rule))
+    torch.testing.assert_close(m.forward(x), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want, dense.forward(x), atol=1e-3)  # sparsity did change something
+
+
+@pytest.mark.parametrize("rule", ["product", "gate"])
+def test_sparse_prefill_is_per_token(bundles, rule):
+    """Sparse prefill of T tokens == T single-token decode steps (each token has its own active set)."""
+    m = load(bundles["split", rule], mode="threshold", prefill="sparse")
+    full = m.forward(torch.tensor([IDS]))[0]
+    cache = m.new_cache(1, len(IDS))
+    steps = [m.forward(torch.tensor([[t]]), i, cache)[0, 0] for i, t in enumerate(IDS)]
+    torch.testing.assert_close(full, torch.stack(steps), atol=1e-5, rtol=1e-5)
+
+
+def test_threshold_zero_is_exact(bundles, dense):
+    m = load(bundles["split", "product"], mode="threshold", prefill="sparse", thresholds=0.0)
+    x = torch.tensor([IDS])
+    torch.testing.assert_close(m.forward(x), dense.forward(x), atol=1e-5, rtol=1e-5)
+
+
+def test_dense_prefill_default(bundles, dense):
+    m = load(bundles["all_cpu", "product"], mode="threshold")
+    x = torch.tensor([IDS])
+    torch.testing.assert_close(m.forward(x), dense.forward(x), atol=1e-5, rtol=1e-5)  # prompt computed exactly
+    out = m.forward(torch.tensor([[5]]), len(IDS), None)  # decode step: sparse
+    assert out.shape == (1, 1, 512)
+
+
+def test_measurements(bundles):
+    for name, share in (("all_gpu", 1.0), ("all_cpu", 0.0)):
+        m = load(bundles[name, "product"], mode="threshold")
+        g = m.generate(IDS[:4], 6)
+        rep = m.report()
+        d = rep["decode"]
+        assert d["tokens"] == len(g.new_ids) - 1 and rep["prefill"]["tokens"] == 4
+        assert d["gpu_share"] == share
+        assert 0.3 < d["active_fraction"] < 0.7  # 50% target sparsity
+        assert len(d["layers"]) == 4 and all(layer["gpu_ms_per_token"] > 0 for layer in d["layers"])
+        cpu_ms = sum(layer["cpu_ms_per_token"] for layer in d["layers"])
+        assert (cpu_ms > 0) == (name == "all_cpu")
+        mem = rep["memory"]
+        assert mem["gpu"]["weight_bytes"] > 0 and mem["cpu"]["peak_rss_bytes"] > 0 and mem["shared_memory"]
+        assert (mem["cpu"]["weight_bytes"] == 0) == (name == "all_gpu")
+    m = load(bundles["split", "product"], mode="threshold")
+    m.generate(IDS[:4], 6)
+    assert 0.0 < m.report()["decode"]["gpu_share"] < 1.0
+
+
+def test_gpu_budget_refused(bundles):
+    b = Bundle.load(bundles["split", "product"])
+    need = b.account(ctx_len=64).gpu_total
+    HybridModel(b, mode="exact", gpu_budget=need, max_len=64)
+    with pytest.raises(InfeasibleError, match="GPU budget .* smaller than bundle"):
+        HybridModel(b, mode="exact", gpu_budget=need - 1, max_len=64)
+    with pytest.raises(InfeasibleError):
+        HybridModel(b, mode="exact", gpu_budget="1KiB")
+
+
+def test_threshold_mode_needs_thresholds(src, tmp_path):
+    export_bundle(src, make_placement(src, 64), tmp_path / "b", options=ExportOptions())
+    load(tmp_path / "b", mode="exact")
+    with pytest.raises(InputError, match="no activation thresholds"):
+        load(tmp_path / "b", mode="threshold")
+    with pytest.raises(InputError, match="no predictors"):
+        load(tmp_path / "b", mode="predictor", thresholds=0.1)
+
+
+def test_kernel_is_replaceable(bundles):
+    from hotcold.runtime.kernels import TorchKernel
+
+    class Counting(TorchKernel):
+        name = "counting"
+        calls = 0
+
+        def down(self, w, idx, offsets, rows):
+            Counting.calls += 1
+            return super().down(w, idx, offsets, rows)
+
+    ref = load(bundles["all_cpu", "product"], mode="threshold", prefill="sparse").forward(torch.tensor([IDS]))
+    m = load(bundles["all_cpu", "product"], mode="threshold", prefill="sparse", kernel=Counting())
+    torch.testing.assert_close(m.forward(torch.tensor([IDS])), ref)
+    assert Counting.calls == 4 and m.report()["kernel"] == "counting"
+
+
+def test_batch_of_two(bundles, dense):
+    m = load(bundles["split", "gate"], mode="exact")
+    x = torch.tensor([IDS[:6], IDS[6:]])
+    torch.testing.assert_close(m.forward(x), dense.forward(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_bundle_runs_close_to_dense_bf16(src, profile, tmp_path):
+    export_bundle(src, make_placement(src, [0, 64, 200, 256], frequency_order(profile)), tmp_path / "b",
+                  options=ExportOptions(dtype="bf16", sparsity=None))
+    m = load(tmp_path / "b", mode="exact")
+    d = DenseModel.from_source(src, dtype=torch.bfloat16)
+    x = torch.tensor([IDS])
+    a, b = m.forward(x), d.forward(x)
+    assert m.dtype == torch.bfloat16 and (a - b).abs().max().item() < 0.1 * b.abs().max().item()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.8
