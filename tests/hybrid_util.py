@@ -28,3 +28,29 @@ def tiny_profile(src, samples: int = 512, limit: int = 6, split: str = "train"):
 
     ds = load_dataset("embedded", split, limit=limit)
     return run_profile(src, ds, ProfileOptions(mode="teacher-forced", samples=samples)).profile
+
+
+_SMOLLM_PROFILES: dict = {}
+
+
+def smollm_profile(src, split: str, limit: int, samples: int):
+    """A teacher-forced MBPP profile of SmolLM2 (cached per process: several test modules share it)."""
+    key = (split, limit, samples)
+    if key not in _SMOLLM_PROFILES:
+        from hotcold.profiler.engine import ProfileOptions, run_profile
+        from hotcold.workloads import load_dataset
+
+        ds = load_dataset("mbpp", split, limit=limit)
+        _SMOLLM_PROFILES[key] = run_profile(src, ds, ProfileOptions(mode="teacher-forced", samples=samples)).profile
+    return _SMOLLM_PROFILES[key]
+
+
+def mbpp_teacher_forced(tok, split: str = "test", limit: int = 24, offset: int = 0):
+    """(prompt ids, reference-code ids) of MBPP tasks, chat-formatted."""
+    from hotcold.workloads import load_dataset, teacher_forced
+
+    out = []
+    for t in load_dataset("mbpp", split, limit=limit, offset=offset).tasks:
+        p, c = teacher_forced(t, "chat", tok.render_chat)
+        out.append((tok.encode(p), tok.encode(c, add_bos=False)))
+    return out

@@ -77,7 +77,7 @@ class LowRankMLP(torch.nn.Module):
 
 
 def forward_arrays(w: dict[str, np.ndarray], x: torch.Tensor) -> torch.Tensor:
-    t = {k: torch.from_numpy(v) for k, v in w.items()}
+    t = {k: torch.from_numpy(np.array(v)) for k, v in w.items()}
     return F.linear(F.relu(F.linear(x, t["w1"], t["b1"])), t["w2"], t["b2"])
 
 

@@ -1,0 +1,97 @@
+"""The truth tests on SmolLM2-135M (CPU only): `exact` mode equals the dense reference for all-on-GPU,
+all-on-CPU and split placements; `threshold` mode at 50% per-layer sparsity agrees with dense on MBPP;
+the bundle carries the tokenizer so the runtime needs nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hotcold.exporter.export import ExportOptions, export_bundle
+from hotcold.model.generate import generate
+from hotcold.quality.metrics import next_token_agreement
+from hotcold.runtime import load
+from tests.hybrid_util import frequency_order, make_placement, mbpp_teacher_forced, smollm_profile
+
+pytestmark = [pytest.mark.smollm, pytest.mark.slow]
+
+PROMPTS = ["Write a python function to check whether a number is even.",
+           "Write a function to find the longest common prefix of a list of strings."]
+
+
+@pytest.fixture(scope="module")
+def bundles(smollm_source, tmp_path_factory):
+    """all-GPU, all-CPU and a split placement (random hot sets of varying size per layer), fp32."""
+    src = smollm_source
+    cfg = src.config
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("smol")
+    out = {}
+    for name, n_hot in (("all_gpu", [cfg.n_ff] * cfg.n_layers), ("all_cpu", [0] * cfg.n_layers),
+                        ("split", list(rng.integers(0, cfg.n_ff + 1, cfg.n_layers)))):
+        out[name] = root / name
+        export_bundle(src, make_placement(src, n_hot, seed=1), out[name], options=ExportOptions(sparsity=None))
+    return out
+
+
+@pytest.mark.parametrize("name", ["all_gpu", "all_cpu", "split"])
+def test_exact_equals_dense(smollm_source, smollm_dense, bundles, name):
+    m = load(bundles[name], mode="exact", max_len=1024)
+    tok = m.bundle.tokenizer
+    worst = 0.0
+    for text in PROMPTS:
+        ids = tok.chat_ids(text)
+        x = torch.tensor([ids])
+        worst = max(worst, (m.forward(x) - smollm_dense.forward(x)).abs().max().item())  # every prompt position
+        gd = generate(smollm_dense, ids, 24, keep_logits=True, eos_ids=tok.eos_ids)
+        gr = m.generate(ids, 24, keep_logits=True)
+        assert gr.new_ids == gd.new_ids, (name, tok.decode(gd.new_ids), tok.decode(gr.new_ids))
+        worst = max(worst, max((a - b).abs().max().item() for a, b in zip(gd.logits, gr.logits)))
+    print(f"{name}: max |logit - dense| = {worst:.3g}")
+    assert worst <= 1e-4
+
+
+def test_bundle_tokenizer_equals_model_tokenizer(smollm_source, bundles):
+    m = load(bundles["split"], mode="exact", verify="size")
+    a, b = smollm_source.tokenizer(), m.bundle.tokenizer
+    text = "def f(x):\n    return x ** 2  # ünïcode 123"
+    assert a.encode(text) == b.encode(text) and a.chat_ids(PROMPTS[0]) == b.chat_ids(PROMPTS[0])
+    assert (a.bos_id, a.eos_ids, a.chat_template) == (b.bos_id, b.eos_ids, b.chat_template)
+
+
+@pytest.fixture(scope="module")
+def threshold_bundles(smollm_source, tmp_path_factory):
+    """Thresholds at 50% per-layer sparsity from a profile of MBPP train prompts (never the test prompts)."""
+    src = smollm_source
+    prof = smollm_profile(src, "train", 24, 2048)
+    order = frequency_order(prof)
+    root = tmp_path_factory.mktemp("smol-thr")
+    out = {}
+    for name, n_hot in (("all_cpu", 0), ("split", src.config.n_ff // 2)):
+        out[name] = root / name
+        export_bundle(src, make_placement(src, n_hot, order), out[name], profile=prof,
+                      options=ExportOptions(sparsity=0.5, rule="product"))
+    return out
+
+
+def test_threshold_agreement_at_50_percent(smollm_dense, threshold_bundles):
+    """Teacher-forced next-token agreement with dense on 24 MBPP test prompts (reference-code positions)."""
+    results = {}
+    for name, path in threshold_bundles.items():
+        m = load(path, mode="threshold", prefill="sparse", max_len=2048)
+        seqs = mbpp_teacher_forced(m.bundle.tokenizer, "test", 24)
+        dense_l, sparse_l = [], []
+        for p, c in seqs:
+            x = torch.tensor([p + c])
+            sl = slice(len(p) - 1, len(p) + len(c) - 1)  # the positions that predict the reference code
+            dense_l.append(smollm_dense.forward(x)[0, sl])
+            sparse_l.append(m.forward(x)[0, sl])
+        agree = next_token_agreement(torch.cat(dense_l), torch.cat(sparse_l))
+        rep = m.report()["prefill"]
+        results[name] = agree
+        print(f"{name}: agreement {agree:.4f} over {sum(len(c) for _, c in seqs)} positions, "
+              f"active fraction {rep['active_fraction']:.3f}, GPU share {rep['gpu_share']:.3f}")
+        assert 0.45 <= rep["active_fraction"] <= 0.55  # 50% per-layer sparsity (held-out prompts)
+    assert results["all_cpu"] >= 0.93  # every neuron under the rule: the strictest case
+    assert results["split"] >= results["all_cpu"]
