@@ -82,6 +82,7 @@ class RunRow:
     pass_at_1: float | None
     placement: str
     bundle: str
+    migration: dict[str, Any] | None
     taus: list[float | None]
     thresholds_kind: str
 
@@ -107,10 +108,14 @@ def parse_budget(spec: str, fixed_gpu: int, ffn_total: int) -> int:
 
 
 def parse_policy(spec: str) -> tuple[str, float | None]:
-    """'fixed', 'fixed:tau=0.2', 'impact', 'adaptive' -> (policy, tau)."""
+    """'fixed', 'fixed:tau=0.2', 'impact', 'adaptive', 'dynamic' -> (policy, tau).
+
+    `dynamic` starts from the `fixed` placement of the same budget and lets the runtime move neurons
+    between GPU and CPU while it generates (hotcold.accel.dynamic), so its GPU memory is fixed's.
+    """
     name, _, rest = spec.partition(":")
-    if name not in ("fixed", "impact", "adaptive"):
-        raise InputError(f"unknown policy {spec!r} in --policies", "use fixed, fixed:tau=T, impact or adaptive")
+    if name not in ("fixed", "impact", "adaptive", "dynamic"):
+        raise InputError(f"unknown policy {spec!r} in --policies", "use fixed, fixed:tau=T, impact, adaptive or dynamic")
     tau = None
     if rest:
         key, _, val = rest.partition("=")
@@ -252,19 +257,26 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
         step(f"{name}", i, len(runs))
         log(f"[{i + 1}/{len(runs)}] {name}: solve with GPU budget {gpu_budget / 2**20:.1f} MiB")
         pl_dir = out / "placements" / pl_name
-        if (budget, pol) not in placements:  # one placement serves every threshold kind
-            pl = solve(profile, hw, policy=policy, gpu_budget=gpu_budget, tau=tau, cold_mode=cfg.cold_mode,
-                       ctx_len=cfg.ctx_len, dtype=cfg.dtype, time_limit=30.0)
-            pl.save(pl_dir)
-            placements[(budget, pol)] = pl
-        pl = placements[(budget, pol)]
-        b_dir = out / "bundles" / name
+        base = "fixed" if policy == "dynamic" else pol
+        if (budget, base) not in placements:  # one placement serves every threshold kind (and dynamic)
+            pl = solve(profile, hw, policy="fixed" if policy == "dynamic" else policy, gpu_budget=gpu_budget,
+                       tau=tau, cold_mode=cfg.cold_mode, ctx_len=cfg.ctx_len, dtype=cfg.dtype, time_limit=30.0)
+            pl = pl.save(pl_dir)
+            placements[(budget, base)] = pl
+        pl = placements[(budget, base)]
+        b_dir = out / "bundles" / (f"{pl_name.replace('dynamic', 'fixed')}" + (f"+t{tkind}" if len(cfg.thresholds) > 1 else ""))
         thresholds = None
         if tkind == "global":
             thresholds = float(np.median(profile.magnitude_thresholds(cfg.sparsity)))
-        export_bundle(src, pl, b_dir, profile=profile,
-                      options=ExportOptions(dtype=cfg.dtype, rule="product", sparsity=cfg.sparsity,
-                                            threshold=thresholds, ctx_len=cfg.ctx_len))
+        if not (b_dir / "manifest.json").is_file():
+            export_bundle(src, pl, b_dir, profile=profile,
+                          options=ExportOptions(dtype=cfg.dtype, rule="gate", sparsity=cfg.sparsity,
+                                                threshold=thresholds, ctx_len=cfg.ctx_len))
+        if policy == "dynamic":
+            rows.append(run_dynamic(cfg, profile, hw, pl, b_dir, name, pol, budget, gpu_budget, tkind, seqs,
+                                    dense_tf, dense_ppl, speed_ids))
+            step(f"{name}", i + 1, len(runs))
+            continue
         hm = HybridModel(Bundle.load(b_dir), mode=cfg.cold_mode, device="auto", max_len=cfg.ctx_len, prefill="sparse")
         tf = teacher_forced_logits(hm, seqs)
         comps = [compare_logits(d[0], h[0]) for d, h in zip(dense_tf, tf)]
@@ -287,7 +299,7 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
             gpu_share_of_active=decode.get("gpu_share"),
             active_fraction=decode.get("active_fraction"), peak_rss_bytes=_peak_rss(),
             agreement=agree, kl=kl, perplexity=ppl, dense_perplexity=dense_ppl, pass_at_1=pa1,
-            placement=str(pl_dir), bundle=str(b_dir), taus=pl.taus, thresholds_kind=tkind))
+            placement=str(pl_dir), bundle=str(b_dir), migration=None, taus=pl.taus, thresholds_kind=tkind))
         del hm
         step(f"{name}", i + 1, len(runs))
     results = {"kind": "study", "config": cfg.to_json(), "hardware": hw.to_json(), "dense": dense_row,
@@ -314,3 +326,57 @@ def pass_rate(model, tok, tasks, max_new_tokens: int) -> float:
         g = generate(model, ids, max_new_tokens, eos_ids=tok.eos_ids)
         completions.append(extract_code(tok.decode(g.new_ids)))
     return float(pass_at_1(tasks, completions).rate)
+
+
+def run_dynamic(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: str, budget: str, gpu_budget: int,
+                tkind: str, seqs, dense_tf, dense_ppl: float, speed_ids: list[int]) -> RunRow:
+    """The fixed placement's bundle run by the accel engine with online migration (DynamicPlacement).
+
+    Quality: the engine is teacher-forced token by token over the held-out sequences (migrations happen
+    while it goes), its logits compared with the dense model's. Speed: greedy decode after a prefill.
+    """
+    import torch
+
+    from hotcold.accel.build import from_bundle
+    from hotcold.accel.dynamic import DynamicPlacement
+    from hotcold.quality.metrics import compare_logits, perplexity
+    from hotcold.solver.costmodel import CostModel
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    mcfg = pl.model_config
+    eng = from_bundle(b_dir, device=dev, cold_mode="threshold", max_len=cfg.ctx_len)
+    dyn = DynamicPlacement(eng, CostModel(mcfg, hw, cfg.dtype, cold_mode="threshold", ctx_len=cfg.ctx_len),
+                           profile.frequencies("decode"), every=16)
+    comps, ppls, weights = [], [], []
+    for (ids, start), (d_logits, targets) in zip(seqs, dense_tf):
+        eng.reset()
+        got = []
+        for t, tok in enumerate(ids[:-1]):
+            eng.step(tok)
+            if t >= start - 1:
+                got.append(eng.logits.detach().float().cpu().clone())
+        lg = torch.stack(got)
+        comps.append(compare_logits(d_logits, lg))
+        ppls.append(perplexity(lg, targets))
+        weights.append(len(targets))
+    tokens_seen = eng.count_tokens
+    eng.reset()
+    eng.prefill(speed_ids)
+    n = cfg.speed_new_tokens
+    t0 = time.perf_counter()
+    for _ in range(n):
+        eng.step(None)
+    decode_ms = 1e3 * (time.perf_counter() - t0) / n
+    n_hot = [g.n_hot for g in eng.gl]
+    tot = pl.totals
+    return RunRow(
+        name=name, policy=pol, budget=budget, gpu_budget_bytes=gpu_budget, solver_status=pl.status,
+        solve_seconds=float(pl.manifest["solver"].get("seconds", 0.0)),
+        n_hot_fraction=float(sum(n_hot) / (mcfg.n_layers * mcfg.n_ff)), gpu_bytes=int(tot["gpu_bytes"]),
+        cpu_bytes=int(tot["cpu_bytes"]), modelled_ms_per_token=float(tot["modelled_ms_per_token"]),
+        measured_decode_ms_per_token=decode_ms, measured_prefill_ms_per_token=float("nan"),
+        gpu_share_of_active=None, active_fraction=None, peak_rss_bytes=_peak_rss(),
+        agreement=float(np.average([c.agreement for c in comps], weights=weights)),
+        kl=float(np.average([c.kl_mean for c in comps], weights=weights)), perplexity=float(np.mean(ppls)),
+        dense_perplexity=dense_ppl, pass_at_1=None, placement=str(pl.path or ""), bundle=str(b_dir),
+        migration=dyn.stats.to_json(max(tokens_seen, 1)), taus=pl.taus, thresholds_kind=tkind)
