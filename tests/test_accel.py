@@ -51,27 +51,31 @@ def test_hybrid_equals_dense(src, ref, backend, sizes):
     assert eng.n_segments == 1 + sum(1 + (k > 0) for k in sizes if k < 256)  # graphs per token on CUDA
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+KERNELS = [("torch", False)] + ([("numba", False), ("numba", True)] if numba_available() else [])
+
+
+@pytest.mark.parametrize("backend,prefetch", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["exact", "threshold", "predictor"])
-def test_cold_kernel_modes(backend, dtype, mode):
+def test_cold_kernel_modes(backend, prefetch, dtype, mode):
     g = torch.Generator().manual_seed(1)
-    C, D = 300, 64
+    C, D = 300, 128
     gate = (torch.randn(C, D, generator=g) * 0.4).to(dtype)
     ud = (torch.randn(C, 2 * D, generator=g) * 0.2).to(dtype)
     x = torch.randn(D, generator=g)
     s = torch.nn.functional.silu(gate.double() @ x.double())
-    sel = torch.randperm(C, generator=g)[:40].sort().values.to(torch.int32)
+    sel = torch.zeros(C, dtype=torch.uint8)
+    sel[torch.randperm(C, generator=g)[:40]] = 1
     if mode == "exact":
         m = torch.ones(C, dtype=torch.bool)
     elif mode == "threshold":
         m = s.abs() > 0.3
     else:
-        m = torch.zeros(C, dtype=torch.bool)
-        m[sel.long()] = True
+        m = sel.bool()
     want = (s * (ud[:, :D].double() @ x.double()) * m) @ ud[:, D:].double()
-    act = torch.full((C,), 7, dtype=torch.uint8)
-    r = ColdKernel(D, backend)(x, gate, ud, mode, sel=sel, thr=0.3, active=act)
+    act = sel.clone() if mode == "predictor" else torch.full((C,), 7, dtype=torch.uint8)
+    r = ColdKernel(D, backend, prefetch=prefetch)(x, gate, ud, mode, mask=act if mode == "predictor" else None,
+                                                  thr=0.3, active=act)
     assert r.n_active == int(m.sum())
     assert torch.equal(act.bool(), m)
     assert ((r.y.double() - want).norm() / want.norm()) < 1e-5

@@ -89,7 +89,6 @@ def from_bundle(path: str | Path, *, device: str | torch.device = "cpu", **engin
     cfg = ModelConfig.from_json(manifest["model"]["config"])
     device = torch.device(device)
     gt, ct, nt = mmap_tensors(path / GPU_FILE), mmap_tensors(path / CPU_FILE), mmap_tensors(path / NEURONS_FILE)
-    dtype = gt["tok_embeddings"].dtype
     gls, cls = [], []
     for l in range(cfg.n_layers):
         p = f"layers.{l}."
@@ -100,8 +99,13 @@ def from_bundle(path: str | Path, *, device: str | torch.device = "cpu", **engin
             bqkv=gt[p + "bqkv"].to(device) if p + "bqkv" in gt else None,
             hot_gu=torch.stack([hg[:k], hg[k:]], dim=1).to(device).contiguous(),
             hot_down=gt[p + "hot_down"].to(device).contiguous(), hot_ids=nt[p + "hot"].numpy().astype(np.int64)))
-        cls.append(CpuLayer(gate=ct[p + "cold_gate"], up_down=ct[p + "cold_up_down"],
-                            cold_ids=nt[p + "cold"].numpy().astype(np.int64)))
+        if p + "cold_gate" in ct:  # the `bundled` CPU layout: used as written (memory-mapped)
+            gate, up_down = ct[p + "cold_gate"], ct[p + "cold_up_down"]
+        else:  # the `split` layout: re-bundled in memory
+            c = int(nt[p + "cold"].numel())
+            gu = ct[p + "cold_gate_up"]
+            gate, up_down = gu[:c].clone(), torch.cat([gu[c:], ct[p + "cold_down"]], dim=1)
+        cls.append(CpuLayer(gate=gate, up_down=up_down, cold_ids=nt[p + "cold"].numpy().astype(np.int64)))
     embed = gt["tok_embeddings"].to(device)
     head = embed if cfg.tie_embeddings else gt["output"].to(device)
     act = manifest.get("activation") or {}

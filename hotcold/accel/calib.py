@@ -46,7 +46,7 @@ def cold_kernel_table(dim: int = 8192, rows: int = 22938, density: float = 0.10,
         gate = (torch.randn(rows, dim, generator=g) * dim ** -0.5).to(tdt)
         ud = (torch.randn(rows, 2 * dim, generator=g) * dim ** -0.5).to(tdt)
         x = torch.randn(dim, generator=g)
-        sel = torch.from_numpy(np.flatnonzero(np.random.default_rng(0).random(rows) < density).astype(np.int32))
+        sel = torch.from_numpy((np.random.default_rng(0).random(rows) < density).astype(np.uint8))
         for be in backends:
             if be == "numba" and not numba_available():
                 continue
@@ -62,7 +62,8 @@ def cold_kernel_table(dim: int = 8192, rows: int = 22938, density: float = 0.10,
                     rs = []
 
                     def run():
-                        rs.append(k(x, gate, ud, mode, sel=sel, thr=thr))
+                        rs.append(k(x, gate, ud, mode, mask=sel, thr=thr, active=torch.zeros(rows, dtype=torch.uint8)
+                                    if mode != "predictor" else sel))
 
                     t = _t(run, reps if be == "numba" else 2, warm=1)
                     r = rs[-1]
@@ -156,7 +157,8 @@ def measured_spec(m: dict[str, Any], cold_GBps: float, name: str = "h200-measure
 
 
 def call_pattern(threads: tuple[int, ...], dim: int = 8192, rows: int = 22938, density: float = 0.10,
-                 gap_s: float = 4e-4, calls: int = 60, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                 gap_s: float = 4e-4, calls: int = 60, log: Callable[[str], None] = print,
+                 prefetch: tuple[bool, ...] = (False,)) -> list[dict[str, Any]]:
     """The cold kernel as the engine calls it: short predictor-mode calls separated by `gap_s` of host work
     (the GPU's part of a layer), so thread wake-up costs show. Median per call, per thread count."""
     from hotcold.accel.kernels import ColdKernel
@@ -166,10 +168,10 @@ def call_pattern(threads: tuple[int, ...], dim: int = 8192, rows: int = 22938, d
     ud = (torch.randn(rows, 2 * dim, generator=g) * dim ** -0.5).to(torch.float16)
     x = torch.randn(dim, generator=g)
     rng = np.random.default_rng(0)
-    sels = [torch.from_numpy(np.flatnonzero(rng.random(rows) < density).astype(np.int32)) for _ in range(8)]
+    sels = [torch.from_numpy((rng.random(rows) < density).astype(np.uint8)) for _ in range(8)]
     out = []
-    for th in threads:
-        k = ColdKernel(dim, "numba", th)
+    for th, pf in [(t_, p_) for t_ in threads for p_ in prefetch]:
+        k = ColdKernel(dim, "numba", th, pf)
         k.warm_up(torch.float16)
         ts, nbytes = [], 0
         for i in range(calls):
@@ -177,15 +179,15 @@ def call_pattern(threads: tuple[int, ...], dim: int = 8192, rows: int = 22938, d
             while time.perf_counter() < t_end:
                 pass
             t0 = time.perf_counter()
-            r = k(x, gate, ud, "predictor", sel=sels[i % 8])
+            r = k(x, gate, ud, "predictor", mask=sels[i % 8])
             ts.append(time.perf_counter() - t0)
             nbytes = r.bytes_read
         med = statistics.median(ts[5:])
-        row = {"threads": th, "ms_median": med * 1e3, "ms_mean": 1e3 * sum(ts[5:]) / len(ts[5:]),
+        row = {"threads": th, "prefetch": pf, "ms_median": med * 1e3, "ms_mean": 1e3 * sum(ts[5:]) / len(ts[5:]),
                "GBps_median": nbytes / med / 1e9, "env": {k_: os.environ.get(k_) for k_ in
                                                           ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")}}
         out.append(row)
-        log(f"call pattern t={th}: {row['ms_median']:.3f} ms median, {row['ms_mean']:.3f} mean, "
+        log(f"call pattern t={th} prefetch={pf}: {row['ms_median']:.3f} ms median, {row['ms_mean']:.3f} mean, "
             f"{row['GBps_median']:.1f} GB/s  {row['env']}")
     return out
 

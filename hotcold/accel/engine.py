@@ -124,7 +124,8 @@ class HybridEngine:
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, norm: torch.Tensor, head: torch.Tensor,
                  gpu_layers: list[GpuLayer], cpu_layers: list[CpuLayer], *, cold_mode: str = "exact",
                  max_len: int = 512, thresholds: list[float] | None = None, selector: Any = None,
-                 cpu_backend: str = "auto", cpu_threads: int | None = None, graphs: bool = True,
+                 cpu_backend: str = "auto", cpu_threads: int | None = None, cpu_prefetch: bool | None = None,
+                 graphs: bool = True,
                  stats: bool = False, stat_thresholds: list[float] | None = None):
         if cold_mode not in MODES:
             raise ValueError(f"cold mode {cold_mode!r}")
@@ -140,7 +141,7 @@ class HybridEngine:
         self.cold_mode = cold_mode
         self.max_len = max_len
         self.selector = selector
-        self.kernel = ColdKernel(cfg.dim, cpu_backend, cpu_threads)
+        self.kernel = ColdKernel(cfg.dim, cpu_backend, cpu_threads, cpu_prefetch)
         self.graphs_wanted = graphs and self.cuda
         self.stats_on = stats
         dev, D = self.device, cfg.dim
@@ -306,14 +307,14 @@ class HybridEngine:
         else:
             x = self.x
         t1 = time.perf_counter()
-        sel = None
+        mask = None
         if self.cold_mode == "predictor":
-            m = (self.mask_host if self.cuda else self.cold_mask_dev)[:C].numpy()
-            sel = torch.from_numpy(np.flatnonzero(m).astype(np.int32))
+            mask = (self.mask_host if self.cuda else self.cold_mask_dev)[:C]
         thr = float(self.thr[l] if self.cold_mode == "threshold" else self.stat_thr[l])
         out = self.y_host if self.cuda else self.y_dev
         t2 = time.perf_counter()
-        r = self.kernel(x, c.gate, c.up_down, self.cold_mode, sel=sel, thr=thr, active=self.active[l], out=out)
+        act = mask if mask is not None else self.active[l]
+        r = self.kernel(x, c.gate, c.up_down, self.cold_mode, mask=mask, thr=thr, active=act, out=out)
         t3 = time.perf_counter()
         if self.cuda:
             self.y_dev.copy_(self.y_host, non_blocking=True)
@@ -327,7 +328,7 @@ class HybridEngine:
             if self.cold_mode == "exact":
                 # exact mode computes every neuron; activity for the statistics is |s| > stat_thr
                 self._exact_activity(l, x)
-            self.cold_count[l] += self.active[l].numpy()
+            self.cold_count[l] += act.numpy()
         st.post_s += time.perf_counter() - t3
 
     def _exact_activity(self, l: int, x: torch.Tensor) -> None:

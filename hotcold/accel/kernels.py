@@ -9,13 +9,15 @@ For every slot j the kernel computes, with x [D] float32 and s = silu(gate_j · 
     exact       every slot is active
     threshold   active iff |s| > t (CATS: decidable from the gate row alone; the up/down rows of an
                 inactive neuron are never read)
-    predictor   the slots in `sel` (chosen on the GPU side) are active; no other row is read
+    predictor   the slots whose `mask` byte is set (chosen on the GPU side) are active; no other
+                row is read
 and returns y = Σ_active s·(up_j · x)·down_j  [D] float32, the layer's CPU partial sum.
 
 Two implementations with the same semantics:
 - `numba` (when importable): threads take slots strided (slot order is hottest-first, so contiguous
   chunks would give one thread all the dense work), each keeps a private float32 accumulator of D
-  values, then the partials are summed. Weights stay 16-bit in memory and are widened in registers:
+  values, then the partials are summed. Optionally (`prefetch`) each thread prefetches its next
+  neuron's rows while computing the current one. Weights stay 16-bit in memory and are widened in registers:
   fp16 through LLVM's `fpext half` (one vcvtph2ps with F16C), bf16 by a 16-bit shift; numba itself
   has no float16 arithmetic, so the arrays are passed as uint16 and reinterpreted by two tiny
   intrinsics. float32 weights are read as they are.
@@ -66,11 +68,16 @@ def resolve_backend(backend: str = "auto") -> str:
 
 # ---- numba -------------------------------------------------------------------------------------
 @lru_cache(maxsize=None)
-def _numba_kernels(kind: str) -> Any:
-    """Compile the kernel for weights stored as `kind` (float16 | bfloat16 | float32)."""
+def _numba_kernels(kind: str, prefetch: bool = False) -> Any:
+    """Compile the kernel for weights stored as `kind` (float16 | bfloat16 | float32).
+
+    prefetch: issue software prefetches for the thread's next neuron while computing the current one
+    (one per 64 elements of each row), so several DRAM streams are in flight per core.
+    """
     import numba
     from llvmlite import ir
     from numba import njit, prange, types
+    from numba.core import cgutils
     from numba.extending import intrinsic
 
     @intrinsic
@@ -92,6 +99,28 @@ def _numba_kernels(kind: str) -> Any:
 
         return sig, codegen
 
+    @intrinsic
+    def _prefetch(typingctx, arr, i, k):  # prefetch &arr[i, k] into all cache levels (llvm.prefetch)
+        sig = types.void(arr, i, k)
+
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            st0 = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
+            isz = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
+            ii = builder.sext(args[1], i64) if args[1].type.width < 64 else args[1]
+            kk = builder.sext(args[2], i64) if args[2].type.width < 64 else args[2]
+            off = builder.add(builder.mul(ii, st0), builder.mul(kk, ir.Constant(i64, isz)))
+            i8p = ir.IntType(8).as_pointer()
+            ptr = builder.inttoptr(builder.add(builder.ptrtoint(ary.data, i64), off), i8p)
+            name = "llvm.prefetch.p0" if str(i8p) == "ptr" else "llvm.prefetch.p0i8"
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                name)
+            builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     if kind == "float16":
         widen = _h2f
     elif kind == "bfloat16":
@@ -101,32 +130,63 @@ def _numba_kernels(kind: str) -> Any:
         def widen(v):
             return v
 
+    PF = prefetch
+    CH = 64  # elements per chunk (one prefetch each); D is a multiple of 64 for every real model
+
     # reassociation lets LLVM vectorise the dot products; no 'ninf': exp(-g) may overflow to inf
     @njit(parallel=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, nogil=True, cache=False)
-    def cold_ffn(x, gate, up_down, sel, n_sel, thr, mode, parts, y, active):
+    def cold_ffn(x, gate, up_down, mask, thr, mode, parts, y, active):
+        """mode 0 exact, 1 threshold, 2 predictor (mask[j] != 0 selects slot j). Returns #active."""
+        C = gate.shape[0]
         D = x.shape[0]
         T = parts.shape[0]
-        n = n_sel if mode == 2 else gate.shape[0]
+        chunked = PF and D % CH == 0
         for t in prange(T):
             acc = parts[t]
             for k in range(D):
                 acc[k] = 0.0
+            # this thread's slots: j = t, t + T, ... (slot order is hottest first: striding balances)
+            mine = np.empty((C + T - 1) // T + 1, dtype=np.int64)
+            n = 0
+            for j in range(t, C, T):
+                if mode != 2 or mask[j] != 0:
+                    mine[n] = j
+                    n += 1
             cnt = 0
-            for ii in range(t, n, T):
-                j = sel[ii] if mode == 2 else ii
+            for ii in range(n):
+                j = mine[ii]
+                jn = mine[ii + 1] if ii + 1 < n else j
                 g = np.float32(0.0)
-                for k in range(D):
-                    g += widen(gate[j, k]) * x[k]
+                if chunked:
+                    for c in range(0, D, CH):
+                        _prefetch(gate, jn, c)
+                        for k in range(c, c + CH):
+                            g += widen(gate[j, k]) * x[k]
+                else:
+                    for k in range(D):
+                        g += widen(gate[j, k]) * x[k]
                 s = g / (np.float32(1.0) + np.exp(-g))
                 if mode == 1 and abs(s) <= thr:
                     active[j] = 0
                     continue
                 u = np.float32(0.0)
-                for k in range(D):
-                    u += widen(up_down[j, k]) * x[k]
+                if chunked:
+                    for c in range(0, D, CH):
+                        _prefetch(up_down, jn, c)
+                        for k in range(c, c + CH):
+                            u += widen(up_down[j, k]) * x[k]
+                else:
+                    for k in range(D):
+                        u += widen(up_down[j, k]) * x[k]
                 a = s * u
-                for k in range(D):
-                    acc[k] += a * widen(up_down[j, D + k])
+                if chunked:
+                    for c in range(0, D, CH):
+                        _prefetch(up_down, jn, D + c)
+                        for k in range(c, c + CH):
+                            acc[k] += a * widen(up_down[j, D + k])
+                else:
+                    for k in range(D):
+                        acc[k] += a * widen(up_down[j, D + k])
                 active[j] = 1
                 cnt += 1
             parts[t, D] = cnt  # the count rides in the spare last column
@@ -186,8 +246,9 @@ class ColdKernel:
     Call with CPU tensors: gate [C, D], up_down [C, 2D] (same dtype), x [D] float32 (contiguous).
     """
 
-    def __init__(self, dim: int, backend: str = "auto", threads: int | None = None):
+    def __init__(self, dim: int, backend: str = "auto", threads: int | None = None, prefetch: bool | None = None):
         self.backend = resolve_backend(backend)
+        self.prefetch = (os.environ.get("HOTCOLD_PREFETCH", "0") not in ("", "0")) if prefetch is None else prefetch
         self.dim = dim
         self.threads = threads
         self.y = torch.zeros(dim, dtype=torch.float32)
@@ -206,42 +267,39 @@ class ColdKernel:
         x = torch.zeros(D)
         act = torch.zeros(2, dtype=torch.uint8)
         for mode in MODES:
-            self(x, g, ud, mode, sel=torch.zeros(1, dtype=torch.int32), n_sel=1, thr=0.0, active=act)
+            self(x, g, ud, mode, mask=torch.ones(2, dtype=torch.uint8), thr=0.0, active=act)
         if self.backend == "numba":
-            _, gather, scatter, _ = _numba_kernels(_KIND[dtype])
+            _, gather, scatter, _ = _numba_kernels(_KIND[dtype], self.prefetch)
             a = _u16(ud)
             gather(a, np.zeros(1, np.int64), a[:1].copy())
             scatter(a.copy(), np.zeros(1, np.int64), a[:1].copy())
 
     def __call__(self, x: torch.Tensor, gate: torch.Tensor, up_down: torch.Tensor, mode: str, *,
-                 sel: torch.Tensor | None = None, n_sel: int | None = None, thr: float = 0.0,
-                 active: torch.Tensor | None = None, out: torch.Tensor | None = None) -> ColdResult:
-        """sel: int32 slot indices (predictor mode, first n_sel used); active: uint8 [C] flags out;
-        out: float32 [D] to write y into (e.g. a pinned buffer), default a buffer of the kernel."""
-        y = self.y if out is None else out
+                 mask: torch.Tensor | None = None, thr: float = 0.0, active: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> ColdResult:
+        """mask: uint8 [C], nonzero = compute this slot (predictor mode); active: uint8 [C] flags out
+        (in predictor mode the mask itself: pass the same tensor or none); out: float32 [D] for y."""
         import time
 
         C, D = gate.shape
+        y = self.y if out is None else out
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}")
-        if mode == "predictor" and sel is None:
-            raise ValueError("predictor mode needs sel")
-        n_sel = int(sel.numel() if n_sel is None and sel is not None else (n_sel or 0))
+        if mode == "predictor" and mask is None:
+            raise ValueError("predictor mode needs a mask")
         if active is None:
-            active = torch.zeros(C, dtype=torch.uint8)
-        elif mode == "predictor":
-            active.zero_()
+            active = mask if mode == "predictor" else torch.zeros(C, dtype=torch.uint8)
         t0 = time.perf_counter()
-        if C == 0 or (mode == "predictor" and n_sel == 0):
+        if C == 0:
             y.zero_()
             n = 0
         elif self.backend == "numba":
-            fn = _numba_kernels(_KIND[gate.dtype])[0]
-            s = sel if sel is not None else _EMPTY_SEL
-            n = fn(x.numpy(), _u16(gate), _u16(up_down), s.numpy(), n_sel, np.float32(thr), _MODE_ID[mode],
+            fn = _numba_kernels(_KIND[gate.dtype], self.prefetch)[0]
+            m = mask if mask is not None else active
+            n = fn(x.numpy(), _u16(gate), _u16(up_down), m.numpy(), np.float32(thr), _MODE_ID[mode],
                    self._parts, y.numpy(), active.numpy())
         else:
-            n = self._torch(x, gate, up_down, mode, sel, n_sel, thr, active, y)
+            n = self._torch(x, gate, up_down, mode, mask, thr, active, y)
         dt = time.perf_counter() - t0
         es = gate.element_size()
         if mode == "threshold":
@@ -252,11 +310,11 @@ class ColdKernel:
             nbytes = n * 3 * D * es
         return ColdResult(y=y, n_active=int(n), seconds=dt, bytes_read=int(nbytes))
 
-    def _torch(self, x, gate, up_down, mode, sel, n_sel, thr, active, y) -> int:
+    def _torch(self, x, gate, up_down, mode, mask, thr, active, y) -> int:
         # float32 arithmetic on upcast rows, like the numba kernel (this path is for small shapes)
         D = gate.shape[1]
         if mode == "predictor":
-            idx = sel[:n_sel].long()
+            idx = mask.nonzero().flatten()
             g = gate.index_select(0, idx).float() @ x
         else:
             g = gate.float() @ x
@@ -267,15 +325,13 @@ class ColdKernel:
         rows = (up_down if idx is None else up_down.index_select(0, idx)).float()
         a = torch.nn.functional.silu(g) * (rows[:, :D] @ x)
         y.copy_(a @ rows[:, D:])
-        active.zero_()
         if idx is None:
             active.fill_(1)
             return gate.shape[0]
-        active[idx] = 1
+        if active is not mask:
+            active.zero_()
+            active[idx] = 1
         return int(idx.numel())
-
-
-_EMPTY_SEL = torch.zeros(1, dtype=torch.int32)
 
 
 def gather_rows(src: torch.Tensor, idx: np.ndarray, dst: torch.Tensor, backend: str) -> None:
