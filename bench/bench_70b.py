@@ -74,6 +74,8 @@ def main() -> None:
                     help="measure the engine-like kernel call pattern under several threading settings, "
                          "then run the bench under the best one")
     ap.add_argument("--call-pattern", help="(internal) measure the call pattern, write JSON here")
+    ap.add_argument("--probe-prefetch", action="store_true",
+                    help="time the kernel's call pattern with and without software prefetch; bench with the faster")
     a = ap.parse_args()
     if a.call_pattern:
         from hotcold.accel.calib import call_pattern
@@ -140,6 +142,15 @@ def main() -> None:
             spec = measured_spec(calib["device"], max(r["GBps"] for r in rows))
             spec.save(out / "hw_measured.json")
             opts.predict_hw = [("measured_hw", spec)]
+    if a.probe_prefetch:
+        from hotcold.accel.calib import call_pattern
+
+        th = a.cpu_threads or os.cpu_count() or 1
+        rows = call_pattern((th,), prefetch=(False, True), calls=80, log=log)
+        calib["prefetch_probe"] = rows
+        save_json(calib, out / "calib.json")
+        opts.cpu_prefetch = min(rows, key=lambda r: r["ms_median"])["prefetch"]
+        log(f"cold kernel prefetch: {opts.cpu_prefetch}")
     if a.calib_only:
         return
     res_path = out / "bench_70b.json"

@@ -288,6 +288,7 @@ class BenchOptions:
                              "hotcold-dynamic", "threshold")
     cpu_backend: str = "auto"
     cpu_threads: int | None = None
+    cpu_prefetch: bool | None = None
     seed: int = 0
     dyn_every: int = 16
     dyn_max_swaps: int = 512
@@ -318,6 +319,9 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     hw = resolve(path=o.hardware) if str(o.hardware).endswith(".json") else resolve(preset_name=o.hardware)
     rank = o.predictor_rank or default_predictor_rank(cfg)
     res: dict[str, Any] = {"benchmark": "hotcold bench: hybrid GPU+CPU decode vs baselines, batch 1",
+                           "cpu_kernel": {"backend": o.cpu_backend, "threads": o.cpu_threads, "prefetch": o.cpu_prefetch,
+                                          "numba_threading_layer": os.environ.get("NUMBA_THREADING_LAYER"),
+                                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
                            "weights": "random (generated on the device); not a trained model",
                            "shape": o.shape, "n_layers": o.n_layers, "full_depth_layers": full.n_layers,
                            "dtype": dt_name, "device": str(dev), "max_len": o.max_len, "runs": {},
@@ -359,7 +363,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
             cls.append(c)
         return HybridEngine(cfg, glob["tok_embeddings"], glob["norm"], glob["output"], gls, cls, cold_mode=mode,
                             max_len=o.max_len, selector=selector, thresholds=thresholds,
-                            cpu_backend=o.cpu_backend, cpu_threads=o.cpu_threads)
+                            cpu_backend=o.cpu_backend, cpu_threads=o.cpu_threads, cpu_prefetch=o.cpu_prefetch)
 
     def extrap(r: dict, head_ms: float) -> None:
         per_layer = (r["ms_per_token"] - head_ms) / cfg.n_layers
