@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--skip-calib", action="store_true")
     ap.add_argument("--calib-only", action="store_true")
     ap.add_argument("--hardware", default="h200")
+    ap.add_argument("--predict-hw", help="a HardwareSpec JSON to predict with too (e.g. an earlier run's hw_measured.json)")
     ap.add_argument("--runs", default="dense-gpu,layer-split,stream,hotcold-fixed,hotcold-adaptive,hotcold-dynamic,threshold")
     ap.add_argument("--cpu-threads", type=int)
     ap.add_argument("--probe-threads", action="store_true",
@@ -106,6 +107,10 @@ def main() -> None:
             p.save(Path(a.prepare) / pol)
         print(json.dumps(res, indent=1, default=str)[:3000])
         return
+    if a.predict_hw:
+        from hotcold.solver.hardware import HardwareSpec
+
+        opts.predict_hw.append(("measured_hw", HardwareSpec.load(a.predict_hw)))
     if a.placements:
         opts.placements = {pol: str(Path(a.placements) / pol) for pol in ("fixed", "adaptive")
                            if (Path(a.placements) / pol).is_dir()}
