@@ -35,9 +35,9 @@ def placement(src, profile):
     return make_placement(src, N_HOT, frequency_order(profile))
 
 
-@pytest.mark.parametrize("rule,layout", [("product", "split"), ("gate", "bundled")])
+@pytest.mark.parametrize("rule,layout", [("product", "split"), ("gate", "bundled"), ("product", "bundled")])
 def test_layout_hot_first_bundled_rows_and_index_maps(src, profile, placement, tmp_path, rule, layout):
-    res = export_bundle(src, placement, tmp_path / "b", profile=profile, options=ExportOptions(rule=rule))
+    res = export_bundle(src, placement, tmp_path / "b", profile=profile, options=ExportOptions(rule=rule, cpu_layout=layout))
     m = res.manifest
     assert m["kind"] == "bundle" and m["format_version"] == fmt.FORMAT_VERSION and m["cpu_layout"] == layout
     listed = {f["path"] for f in m["files"]}

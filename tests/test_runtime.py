@@ -40,21 +40,22 @@ def profile(src):
 
 @pytest.fixture(scope="module")
 def bundles(src, profile, tmp_path_factory):
-    """(placement name, rule) -> bundle path; rule decides the CPU layout (product: split, gate: bundled)."""
+    """(placement name, rule) -> bundle path; the product rule is written in the split CPU layout, the gate
+    rule in the bundled one ("product-bundled": the product rule on the bundled layout)."""
     root = tmp_path_factory.mktemp("bundles")
     order = frequency_order(profile)
     out = {}
     for name, n_hot in PLACEMENTS.items():
-        for rule in ("product", "gate"):
+        for rule, layout in (("product", "split"), ("gate", "bundled"), ("product-bundled", "bundled")):
             p = root / f"{name}-{rule}"
             export_bundle(src, make_placement(src, n_hot, order), p, profile=profile,
-                          options=ExportOptions(rule=rule, sparsity=0.5))
+                          options=ExportOptions(rule=rule.split("-")[0], cpu_layout=layout, sparsity=0.5))
             out[name, rule] = p
     return out
 
 
 @pytest.mark.parametrize("name", list(PLACEMENTS))
-@pytest.mark.parametrize("rule", ["product", "gate"])
+@pytest.mark.parametrize("rule", ["product", "gate", "product-bundled"])
 def test_exact_equals_dense(bundles, dense, name, rule):
     m = load(bundles[name, rule], mode="exact")
     x = torch.tensor([IDS])
@@ -80,16 +81,16 @@ def _masked_dense_hook(src, bundle, rule):
 
 
 @pytest.mark.parametrize("name", ["all_cpu", "split"])
-@pytest.mark.parametrize("rule", ["product", "gate"])
+@pytest.mark.parametrize("rule", ["product", "gate", "product-bundled"])
 def test_threshold_equals_masked_dense(src, bundles, dense, name, rule):
     m = load(bundles[name, rule], mode="threshold", prefill="sparse")
     x = torch.tensor([IDS])
-    want = dense.forward(x, hook=_masked_dense_hook(src, m.bundle, rule))
+    want = dense.forward(x, hook=_masked_dense_hook(src, m.bundle, rule.split("-")[0]))
     torch.testing.assert_close(m.forward(x), want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(want, dense.forward(x), atol=1e-3)  # sparsity did change something
 
 
-@pytest.mark.parametrize("rule", ["product", "gate"])
+@pytest.mark.parametrize("rule", ["product", "gate", "product-bundled"])
 def test_sparse_prefill_is_per_token(bundles, rule):
     """Sparse prefill of T tokens == T single-token decode steps (each token has its own active set)."""
     m = load(bundles["split", rule], mode="threshold", prefill="sparse")

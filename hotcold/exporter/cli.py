@@ -39,13 +39,19 @@ def _ranks(text: str) -> tuple[int, ...]:
     return ranks
 
 
+LayoutOpt = Annotated[str, typer.Option("--cpu-layout", help="Cold rows on the CPU: bundled (gate matrix + one "
+                                                              "[up | down] row per neuron; the gate rule's) or split "
+                                                              "(gate+up matrix + down rows; faster for the product rule).")]
+
+
 def _options(dtype: str, rule: str, sparsity: float, threshold: float | None, predictors: bool, target_recall: float,
-             epochs: int, ranks: str, ctx_len: int | None):
+             epochs: int, ranks: str, ctx_len: int | None, cpu_layout: str = "bundled"):
     from hotcold.exporter.export import ExportOptions
     from hotcold.exporter.predictors import PredictorOptions
     from hotcold.memory import canonical_dtype
 
-    return ExportOptions(dtype=canonical_dtype(dtype), rule=rule, sparsity=None if threshold is not None else sparsity,
+    return ExportOptions(dtype=canonical_dtype(dtype), rule=rule, cpu_layout=cpu_layout,
+                         sparsity=None if threshold is not None else sparsity,
                          threshold=threshold, predictors=predictors, ctx_len=ctx_len,
                          predictor=PredictorOptions(target_recall=target_recall, epochs=epochs, ranks=_ranks(ranks))
                          if predictors else None)
@@ -92,6 +98,7 @@ def export_cmd(
                                                                                   "measure predictor recall on.")] = None,
     dtype: DtypeOpt = "fp32",
     rule: RuleOpt = "product",
+    cpu_layout: LayoutOpt = "bundled",
     sparsity: SparsityOpt = 0.5,
     threshold: ThresholdOpt = None,
     predictors: PredictorsOpt = False,
@@ -117,7 +124,7 @@ def export_cmd(
     from hotcold.solver.placement import Placement
 
     opts = _options(dtype, rule, sparsity, threshold, predictors, target_recall, predictor_epochs, predictor_ranks,
-                    ctx_len)
+                    ctx_len, cpu_layout)
     pl = Placement.load(placement)
     need_samples = predictors or (rule == "gate" and threshold is None)
     prof = Profile.load(profile, with_samples=need_samples) if profile is not None else None

@@ -187,6 +187,7 @@ def compile_cmd(
     ctx_len: Annotated[int | None, typer.Option("--ctx-len", min=1, help="Context the KV cache is sized for (default: the model's maximum).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype of the bundle: fp32, bf16 or fp16.")] = "fp32",
     rule: Annotated[str, typer.Option("--rule", help="Activation rule: product or gate.")] = "product",
+    cpu_layout: Annotated[str, typer.Option("--cpu-layout", help="bundled or split (see `hotcold export --help`).")] = "bundled",
     sparsity: Annotated[float, typer.Option("--sparsity", min=0.0, max=0.999, help="Target per-layer sparsity for t_l.")] = 0.5,
     predictors: Annotated[bool, typer.Option("--predictors", help="Train and export ONNX predictors.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")] = False,
@@ -204,7 +205,7 @@ def compile_cmd(
     copts = CompileOptions(dataset=dataset, split=split, limit=limit, mode=mode, samples=samples, preset=preset,
                            hardware=str(hardware) if hardware else None, policy=policy, gpu_budget=gpu_budget,
                            cpu_budget=cpu_budget, cold_mode=cold_mode, ctx_len=ctx_len)
-    eopts = _options(canonical_dtype(dtype), rule, sparsity, None, predictors, 0.9, 30, "", None)
+    eopts = _options(canonical_dtype(dtype), rule, sparsity, None, predictors, 0.9, 30, "", None, cpu_layout)
     res = compile_bundle(model, out_dir, copts, eopts, log=lambda s: err.print(f"[dim]{s}[/]"))
     info = {"bundle": str(res.bundle), "parts": str(res.parts), "reused": res.reused, "keys": res.keys,
             "placement": res.placement_summary, "n_hot": res.export_manifest["placement"]["n_hot"],

@@ -72,7 +72,7 @@ TOKENIZER_FILE = "tokenizer.json"
 PREDICTOR_DIR = "predictors"
 RULES = ("gate", "product")
 CPU_LAYOUTS = ("bundled", "split")
-DEFAULT_LAYOUT = {"gate": "bundled", "product": "split"}  # the layout whose dense reads match the rule
+DEFAULT_LAYOUT = "bundled"  # the row-column bundling; `split` reads the product rule's dense gate+up faster
 COLD_MODES = ("exact", "threshold", "predictor")
 
 # safetensors dtype tags <-> our canonical dtype names (hotcold.memory)
