@@ -327,6 +327,10 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
                            "dtype": dt_name, "device": str(dev), "max_len": o.max_len, "runs": {},
                            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": platform.node(),
                            "torch": torch.__version__, "cpu_count": os.cpu_count()}
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from hotcold.errors import InputError
+
+        raise InputError("--device cuda was asked for but this torch sees no CUDA device", "use --device cpu or auto")
     if dev.type == "cuda":
         res["gpu_name"] = torch.cuda.get_device_name(dev)
 

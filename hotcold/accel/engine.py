@@ -188,6 +188,7 @@ class HybridEngine:
         self.hooks: list[Callable[[HybridEngine], None]] = []  # called between tokens (migration commits)
         self._plan = self._make_plan()
         self._graphs: list[Any] | None = None
+        self.host_pos = 0  # tokens in the KV cache (a host copy of `pos`, no sync needed)
         self.time_gpu = False  # bracket every GPU segment with CUDA events (adds a little host time)
         self.totals = Totals()
 
@@ -348,7 +349,7 @@ class HybridEngine:
         """Capture every GPU segment as a CUDA graph (after one eager warm-up step at position 0)."""
         if not self.graphs_wanted or self._graphs is not None:
             return
-        saved_pos = self.pos.clone()
+        saved_pos, saved_host = self.pos.clone(), self.host_pos
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
@@ -373,10 +374,12 @@ class HybridEngine:
         self._graphs = graphs
         self.reset()
         self.pos.copy_(saved_pos)
+        self.host_pos = saved_host
 
     def reset(self) -> None:
         """Forget the context (KV cache, position)."""
         self.pos.zero_()
+        self.host_pos = 0
         self.h.zero_()
         self.y_dev.zero_()
         for k, v in zip(self.kc, self.vc):
@@ -387,6 +390,11 @@ class HybridEngine:
     @torch.inference_mode()
     def step(self, token: int | None = None) -> StepStats:
         """One decode step; token None feeds back the previous step's argmax (no host sync)."""
+        if self.host_pos >= self.max_len:
+            from hotcold.errors import InputError
+
+            raise InputError(f"the context is full ({self.max_len} tokens)", "raise --max-len, or reset the engine")
+        self.host_pos += 1
         for hook in self.hooks:
             hook(self)
         if token is not None:
