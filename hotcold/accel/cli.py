@@ -14,16 +14,13 @@ from hotcold.clikit import JsonOpt, command, err, out, print_json
 
 BENCH_HELP = """Benchmark hybrid GPU+CPU decode against all-on-GPU, layer split and streaming offload.
 
-The model has a named shape (LLaMA-2-70B by default) with --layers layers of random weights generated on
-the device; neuron frequencies come from --profile (the placements' workload) and --shift-profile (a
-different workload), mapped by relative depth. Per-layer times are extrapolated to the full depth and
-labelled so.
+The model has a named shape (LLaMA-2-70B by default) with --layers layers of random weights generated on the device. Neuron frequencies come from --profile (the placements' workload) and --shift-profile (another workload), mapped by relative depth; without them a synthetic power law. Per-layer times are extrapolated to the full depth and labelled so. Writes JSON with --out; prints a table.
 
 Examples:
 
   hotcold bench --layers 10 --gpu-budget 48GB --profile prof-mbpp/ --shift-profile prof-prose/ --out r.json
 
-  hotcold bench --shape tiny --layers 4 --gpu-budget 40% --device cpu --tokens 4 --json
+  hotcold bench --shape tiny --layers 4 --gpu-budget 80% --device cpu --tokens 4 --json
 """
 
 

@@ -94,6 +94,7 @@ class DynamicPlacement:
 
     # ---- the hook ----------------------------------------------------------------------------
     def __call__(self, eng: HybridEngine) -> None:
+        self.tokens_seen += 1  # decode steps this hook has seen (engine.reset() does not clear it)
         if self.pending is not None and (not eng.cuda or self.pending.event.query()):
             self._commit()
         if not self.enabled or eng.count_tokens < self.every or self.pending is not None:
