@@ -359,7 +359,7 @@ def run_dynamic(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: 
         comps.append(compare_logits(d_logits, lg))
         ppls.append(perplexity(lg, targets))
         weights.append(len(targets))
-    tokens_seen = eng.count_tokens
+    tokens_seen = dyn.tokens_seen  # steps the migration hook saw (engine counters reset at each decision)
     eng.reset()
     eng.prefill(speed_ids)
     n = cfg.speed_new_tokens
