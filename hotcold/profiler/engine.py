@@ -22,9 +22,11 @@ streaming mode calibration runs layer by layer inside the same pass. Default: 4 
 (each costs a full generation; 4 MBPP prompts give ~1.5k tokens x n_ff |a| values per layer, far more
 than a quantile needs) and 16 in teacher-forced mode (one batched forward).
 
-Resumable: every `checkpoint_every` prompts each rank writes its partial counts to
-`<out>.checkpoint`-style directory (one file per rank, written atomically); a re-run with the same
-inputs continues from it, and the checkpoint is removed once the Profile is written.
+Resumable: every `checkpoint_every` prompts each rank writes its partial counts into `.<out name>.checkpoint/`
+beside the output (one file per rank, replaced atomically; calibrated thresholds in calibration.json); a
+re-run with the same inputs and options continues from it (another run's checkpoint is refused), and
+the checkpoint is removed once the Profile is written. The Profile itself is written to a temporary
+directory and renamed into place, so an interrupted run never leaves a half-written Profile.
 """
 
 from __future__ import annotations
