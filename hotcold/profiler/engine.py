@@ -588,9 +588,9 @@ def _run(src: WeightSource, seqs: list[PromptTokens], opts: ProfileOptions, ctx:
         n_done = resumed_prompts
         since = 0
 
-        def tick(prompts: float) -> None:
+        def tick(prompts: float, pending_tokens: float = 0.0) -> None:
             if progress is not None:
-                progress(prompts, total, stats.tokens[PREFILL] + stats.tokens[DECODE])
+                progress(prompts, total, stats.tokens[PREFILL] + stats.tokens[DECODE] + int(pending_tokens))
 
         def checkpoint(units: int) -> None:
             state = {**stats.state(), **sampler.state()}
@@ -631,8 +631,10 @@ def _run(src: WeightSource, seqs: list[PromptTokens], opts: ProfileOptions, ctx:
                 part = batches[lo:hi]
                 windows = [sampler.window(b.entries()) for b in part]
                 n_part = sum(len(b.seqs) for b in part)
-                engine.stream(part, obs, windows, stream_calib,
-                              lambda layer, base=n_done, n=n_part: tick(base + n * (layer + 1) / L))
+                t_part = sum(int(b.pre_rows.numel() + b.dec_rows.numel()) for b in part)
+                engine.stream(part, obs, windows, stream_calib,  # progress: the pass's share of layers done
+                              lambda layer, base=n_done, n=n_part, t=t_part: tick(base + n * (layer + 1) / L,
+                                                                                   t * (layer + 1) / L))
                 if stream_calib is not None:
                     ckpt.save_thresholds(list(rule.thresholds))
                     stream_calib = None
