@@ -67,7 +67,9 @@ def test_layout_hot_first_bundled_rows_and_index_maps(src, profile, placement, t
             assert ud.shape == (len(cold), 2 * D)
             assert torch.equal(ud[:, :D], t["w_up"][cold]) and torch.equal(ud[:, D:], t["w_down"][:, cold].t())
         else:
-            assert torch.equal(cpu[f"layers.{i}.cold_gate_up"], torch.cat([t["w_gate"][cold], t["w_up"][cold]]))
+            gu_t = cpu[f"layers.{i}.cold_gate_up_t"]  # [D, 2c]: the gate/up rows stored column by column
+            assert gu_t.shape == (D, 2 * len(cold))
+            assert torch.equal(gu_t.t(), torch.cat([t["w_gate"][cold], t["w_up"][cold]]))
             assert torch.equal(cpu[f"layers.{i}.cold_down"], t["w_down"][:, cold].t())
     # hot neurons are the placement's hottest: frequency non-increasing along hot then cold
     f = profile.frequencies()

@@ -227,7 +227,7 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
                     cw.write(f"layers.{i}.cold_gate", rows(gate, cold, "a"))
                     cw.write(f"layers.{i}.cold_up_down", torch.cat([rows(up, cold, "a"), rows(down_t, cold, "b")], dim=1))
                 else:
-                    cw.write(f"layers.{i}.cold_gate_up", [rows(gate, cold, "a"), rows(up, cold, "b")])
+                    cw.write(f"layers.{i}.cold_gate_up_t", torch.cat([rows(gate, cold, "a"), rows(up, cold, "b")]).t())
                     cw.write(f"layers.{i}.cold_down", rows(down_t, cold, "a"))
                 nw.write(f"layers.{i}.hot", hot.to(torch.int32))
                 nw.write(f"layers.{i}.cold", cold.to(torch.int32))

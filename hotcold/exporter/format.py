@@ -3,12 +3,15 @@
 A Bundle is a directory (format version 1):
 
     manifest.json        kind "bundle", format_version, producer, and
-                         model {fingerprint, source, config}, dtype, tokenizer {file, bos_id, eos_ids,
+                         model {fingerprint, source, config}, dtype, cpu_layout (bundled | split), ctx_len
+                         (the context the memory account was sized for), tokenizer {file, bos_id, eos_ids,
                          add_bos, chat_template} (null when the model has none), placement {summary, n_hot,
                          content_hash}, profile {content_hash} (null when none was used),
                          activation {rule, thresholds [n_layers], target_sparsity, source},
                          memory (hotcold.memory account of this bundle), predictors {...} or null,
-                         export {seconds, options}, files [{path, bytes, sha256, dtype, tensors}]
+                         export {seconds, options}, files [{path, bytes, sha256, dtype, tensors}],
+                         manifest_sha256 (of the manifest itself without this field: a changed value in
+                         manifest.json is detected like a changed byte in any other file)
     gpu.safetensors      what the GPU side holds (shapes: see `gpu_tensor_shapes`)
         tok_embeddings             [V, D]
         norm                       [D]
@@ -29,7 +32,11 @@ A Bundle is a directory (format version 1):
                                                   row-column bundling ("LLM in a flash"): one
                                                   contiguous block per active neuron
       split    (the `product` rule's: gate and up rows read densely, down rows only for active neurons)
-        layers.{i}.cold_gate_up    [2 c_i, D]     rows 0..c-1: gate rows, rows c..2c-1: up rows
+        layers.{i}.cold_gate_up_t  [D, 2 c_i]     the [2c, D] matrix of gate rows (0..c-1) and up rows
+                                                  (c..2c-1), stored transposed: column j is neuron j's gate
+                                                  row, column c+j its up row — the layout a CPU matrix-vector
+                                                  product streams fastest (measured ~20% faster than
+                                                  row-major at 1-2 threads; dense.gemv_layout)
         layers.{i}.cold_down       [c_i, D]       row j: cold neuron j's down column
     neurons.safetensors  the neuron index maps (int32): position in the bundle -> neuron id of the model
         layers.{i}.hot             [k_i]          hot neurons, hottest first (placement order)
@@ -133,7 +140,7 @@ def cpu_tensor_shapes(cfg: ModelConfig, n_hot: list[int], layout: str) -> dict[s
             shapes[f"layers.{i}.cold_gate"] = (c, cfg.dim)
             shapes[f"layers.{i}.cold_up_down"] = (c, 2 * cfg.dim)
         else:
-            shapes[f"layers.{i}.cold_gate_up"] = (2 * c, cfg.dim)
+            shapes[f"layers.{i}.cold_gate_up_t"] = (cfg.dim, 2 * c)
             shapes[f"layers.{i}.cold_down"] = (c, cfg.dim)
     return shapes
 
@@ -147,7 +154,7 @@ def neuron_tensor_shapes(cfg: ModelConfig, n_hot: list[int]) -> dict[str, tuple[
 
 
 FFN_GPU = ("hot_gate_up", "hot_down")
-FFN_CPU = ("cold_gate", "cold_up_down", "cold_gate_up", "cold_down")
+FFN_CPU = ("cold_gate", "cold_up_down", "cold_gate_up_t", "cold_down")
 
 
 # ---- safetensors, read without copying ----------------------------------------------------------

@@ -39,7 +39,6 @@ from hotcold.runtime.stats import Measurements
 
 MODES = ("exact", "threshold", "predictor")
 PREFILL = ("dense", "sparse")
-COLD_TENSORS = {"bundled": ("gate", "up_down"), "split": ("gate_up", "down")}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -67,7 +66,7 @@ class ColdLayer:
     threshold: float | None
     gate: torch.Tensor | None = None  # bundled: [c, D]
     up_down: torch.Tensor | None = None  # bundled: [c, 2D], row j = [up_j | down_j]
-    gate_up: torch.Tensor | None = None  # split: [2c, D], gate rows then up rows
+    gate_up: torch.Tensor | None = None  # split: [2c, D] (a view of the stored [D, 2c]), gate rows then up rows
     down: torch.Tensor | None = None  # split: [c, D], row j = down_j
 
     @property
@@ -242,8 +241,11 @@ class HybridModel:
                 lw = lw.for_decode()
             t = None if ts is None else float(ts[i])
             self.gpu_layers.append(GpuLayer(lw=lw, k=n_hot[i], threshold=t))
-            self.cold_layers.append(ColdLayer(threshold=t, **{k: bundle.cpu[p + "cold_" + k] for k in
-                                                               COLD_TENSORS[bundle.cpu_layout]}))
+            if bundle.cpu_layout == "split":
+                cl = ColdLayer(threshold=t, gate_up=bundle.cpu[p + "cold_gate_up_t"].t(), down=bundle.cpu[p + "cold_down"])
+            else:
+                cl = ColdLayer(threshold=t, gate=bundle.cpu[p + "cold_gate"], up_down=bundle.cpu[p + "cold_up_down"])
+            self.cold_layers.append(cl)
         self.predictors = None
         if mode == "predictor":
             from hotcold.runtime.predictor import Predictors

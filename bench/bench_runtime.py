@@ -1,0 +1,182 @@
+"""Hybrid runtime vs the dense reference on SmolLM2 (CPU), ratios from one run; export time.
+
+    python bench/bench_runtime.py [--model smollm2-135m] [--work bench/.cache/runtime] [--sparsity 0.5]
+                                  [--new-tokens 48] [--repeats 5] [--cli-repeats 3] [--out bench/results/runtime.json]
+
+What it does, all in one process (plus subprocesses for the CLI comparison), interleaving the contenders so
+that the machine's load (other jobs share its 2 cores) hits all of them alike:
+  1. profile MBPP train prompts (teacher-forced, once; kept in --work) for the 50%-sparsity thresholds;
+  2. `hotcold export` as a subprocess, timed end to end (imports, GGUF read and dequantisation, writing,
+     hashing), for an all-on-CPU placement and a half-hot one, in the bundled and split CPU layouts;
+  3. decode tokens/s of `generate()` on the dense reference (fp32, gemv layout: what `hotcold generate`
+     runs) and on each bundle in `threshold` mode (50% per-layer sparsity, product rule) and in `exact`
+     mode, same prompts, same token count (no EOS stop), warm-up excluded; ratio = hybrid / dense per
+     (repeat, prompt) pair, median reported;
+  4. `hotcold run --json` (the all-on-CPU split-layout bundle, threshold mode) vs `hotcold generate --json`
+     as subprocesses, interleaved (decode tokens/s as each reports it).
+Writes one JSON object with the command, the machine, and every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def log(s: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def hotcold(*args: str, timeout: int = 1800) -> tuple[dict, float]:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "hotcold", *args], capture_output=True, text=True, timeout=timeout,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    dt = time.perf_counter() - t
+    if r.returncode != 0:
+        raise SystemExit(f"hotcold {' '.join(args)} failed ({r.returncode}): {r.stderr[-2000:]}")
+    out = r.stdout
+    return (json.loads(out[out.index("{"):]) if "{" in out else {}), dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--work", default=str(REPO / "bench" / ".cache" / "runtime"))
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--profile-prompts", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cli-repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "runtime.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from hotcold.model.dense import DenseModel
+    from hotcold.model.generate import generate
+    from hotcold.model.registry import load_source
+    from hotcold.profiler.artifact import Profile
+    from hotcold.profiler.engine import ProfileOptions, run_profile
+    from hotcold.runtime import load
+    from hotcold.solver.placement import Placement
+    from hotcold.workloads import format_prompt, load_dataset
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"command": " ".join([sys.executable, *sys.argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                                "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                                "torch_threads": torch.get_num_threads(), "loadavg_start": loadavg()},
+                    "settings": vars(args)}
+    src = load_source(args.model)
+    cfg = src.config
+
+    # ---- 1. profile (thresholds) --------------------------------------------------------------
+    prof_dir = work / f"profile-train{args.profile_prompts}"
+    if not (prof_dir / "manifest.json").is_file():
+        log(f"profiling {args.profile_prompts} MBPP train prompts (teacher-forced) -> {prof_dir}")
+        run_profile(src, load_dataset("mbpp", "train", limit=args.profile_prompts),
+                    ProfileOptions(mode="teacher-forced"), out=prof_dir)
+    prof = Profile.load(prof_dir)
+    order = np.argsort(-prof.frequencies(), axis=1, kind="stable").astype(np.int32)
+
+    # ---- 2. export, timed as the CLI -------------------------------------------------------------
+    bundles: dict[str, Path] = {}
+    result["export"] = []
+    for pname, k in (("all-cpu", 0), ("half-hot", cfg.n_ff // 2)):
+        pl_dir = work / f"placement-{pname}"
+        Placement(manifest={"model": {"config": cfg.to_json(), "fingerprint": src.fingerprint}},
+                  order=order, n_hot=np.full(cfg.n_layers, k, np.int32)).save(pl_dir)
+        for layout in ("bundled", "split"):
+            name = f"{pname}/{layout}"
+            out = work / f"bundle-{pname}-{layout}"
+            info, dt = hotcold("export", "-m", args.model, "--placement", str(pl_dir), "--profile", str(prof_dir),
+                               "--sparsity", str(args.sparsity), "--cpu-layout", layout, "-o", str(out), "--json")
+            log(f"export {name}: {dt:.1f} s wall (command), {info['seconds']:.1f} s in export_bundle")
+            result["export"].append({"bundle": name, "command_seconds": dt, "export_seconds": info["seconds"],
+                                     "bytes": sum(info["files"].values()), "loadavg": loadavg()})
+            bundles[name] = out
+
+    # ---- 3. in-process decode speed, interleaved ---------------------------------------------------
+    tok = src.tokenizer()
+    tasks = load_dataset("mbpp", "test", limit=args.prompts).tasks
+    prompts = [tok.encode(format_prompt(t, "chat", tok.render_chat)) for t in tasks]
+    max_len = max(len(p) for p in prompts) + args.new_tokens + 1
+    dense = DenseModel.from_source(src, max_len=max_len)
+    contenders = {"dense": dense}
+    for name, path in bundles.items():
+        contenders[f"{name}/threshold"] = load(path, mode="threshold", max_len=max_len)
+    contenders["all-cpu/bundled/exact"] = load(bundles["all-cpu/bundled"], mode="exact", max_len=max_len)
+    for m in contenders.values():  # warm-up
+        generate(m, prompts[0][:16], 4)
+    samples: dict[str, list[float]] = {k: [] for k in contenders}
+    reports: dict[str, dict] = {}
+    for rep in range(args.repeats):
+        for pi, ids in enumerate(prompts):
+            for name, m in contenders.items():
+                if hasattr(m, "stats"):
+                    m.stats.reset()
+                g = generate(m, ids, args.new_tokens)  # no EOS stop: equal token counts
+                samples[name].append(g.decode_tokens_per_s)
+                if hasattr(m, "stats") and rep == args.repeats - 1 and pi == 0:
+                    r = m.report()
+                    reports[name] = {"decode": {k: v for k, v in r["decode"].items() if k != "layers"},
+                                     "layers": [{k: round(v, 4) if isinstance(v, float) else v for k, v in layer.items()}
+                                                for layer in r["decode"]["layers"]],
+                                     "memory": r["memory"]}
+            log(f"repeat {rep} prompt {pi}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()))
+    dense_s = samples["dense"]
+    result["decode"] = {}
+    for name, v in samples.items():
+        ratios = [a / b for a, b in zip(v, dense_s)]
+        result["decode"][name] = {"tokens_per_s_median": statistics.median(v), "tokens_per_s": v,
+                                  "ratio_vs_dense_median": statistics.median(ratios),
+                                  "ratio_vs_dense_geomean": float(np.exp(np.mean(np.log(ratios)))),
+                                  "ratios": ratios}
+    result["runtime_reports"] = reports
+
+    # ---- 4. the CLI commands, interleaved --------------------------------------------------------
+    prompt_text = tasks[0].text
+    cli: dict[str, list[float]] = {"hotcold generate": [], "hotcold run (threshold)": []}
+    run_bundle = bundles["all-cpu/split"]  # on a CPU-only machine every neuron is on the CPU
+    for rep in range(args.cli_repeats):
+        g, _ = hotcold("generate", "-m", args.model, "-p", prompt_text, "-n", str(args.new_tokens), "--json")
+        r, _ = hotcold("run", str(run_bundle), "-p", prompt_text, "-n", str(args.new_tokens), "--json")
+        cli["hotcold generate"].append(g["decode_tokens_per_s"])
+        cli["hotcold run (threshold)"].append(r["decode_tokens_per_s"])
+        log(f"cli repeat {rep}: generate {g['decode_tokens_per_s']:.1f}, run {r['decode_tokens_per_s']:.1f} tok/s")
+    ratios = [a / b for a, b in zip(cli["hotcold run (threshold)"], cli["hotcold generate"])]
+    result["cli"] = {"bundle": str(run_bundle), "samples": cli,
+                     "ratio_median": statistics.median(ratios), "ratios": ratios}
+    result["machine"]["loadavg_end"] = loadavg()
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    summary = {k: round(v["ratio_vs_dense_median"], 3) for k, v in result["decode"].items()}
+    log(f"decode ratio vs dense (median): {summary}; CLI run/generate {result['cli']['ratio_median']:.3f}; "
+        f"export {[round(e['command_seconds'], 1) for e in result['export']]} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
