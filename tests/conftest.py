@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Before torch loads OpenMP: spinning OpenMP threads make torch ~30x slower when the suite's subprocesses
+# (sandbox, torchrun) share the 2 cores with it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MBPP = Path(os.environ.get("HOTCOLD_MBPP") or REPO.parent / "shared" / "data" / "mbpp.jsonl")
