@@ -30,8 +30,9 @@ def run_cmd(
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.0,
     seed: SeedOpt = 0,
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Feed the prompt as raw text.")] = False,
-    mode: Annotated[str, typer.Option("--mode", help="How cold neurons are found: exact (all), threshold "
-                                                     "(gate rows, then |a| > t_l), predictor (ONNX predictor).")] = "threshold",
+    mode: Annotated[str, typer.Option("--mode", help="How cold neurons are found: exact (all of them), "
+                                                     "threshold (the bundle's rule |a| > t_l, a = act(gate)·up or "
+                                                     "act(gate)), predictor (ONNX predictor, then the rule).")] = "threshold",
     device: Annotated[str, typer.Option("--device", help="Where the GPU side runs: auto (cuda when present), cuda or cpu.")] = "auto",
     gpu_budget: Annotated[str, typer.Option("--gpu-budget", help="Refuse to run if the bundle's GPU part (with the KV "
                                                                  "cache) exceeds this, e.g. 24GiB.")] = "",
