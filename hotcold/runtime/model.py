@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from hotcold.errors import InputError
 from hotcold.model.dense import KVCache, LayerWeights, Rope, attention, gemv_layout, rms_norm
 from hotcold.runtime.bundle import Bundle
-from hotcold.runtime.kernels import csr, get_kernel
+from hotcold.runtime.kernels import _ZERO, csr, get_kernel
 from hotcold.runtime.stats import Measurements
 
 MODES = ("exact", "threshold", "predictor")
@@ -69,9 +69,10 @@ class ColdLayer:
     gate_up: torch.Tensor | None = None  # split: [2c, D] (a view of the stored [D, 2c]), gate rows then up rows
     down: torch.Tensor | None = None  # split: [c, D], row j = down_j
 
-    @property
-    def c(self) -> int:
-        return int(self.gate.shape[0] if self.gate is not None else self.down.shape[0])
+    c: int = 0  # cold neurons (set from the tensors)
+
+    def __post_init__(self):
+        self.c = int(self.gate.shape[0] if self.gate is not None else self.down.shape[0])
 
 
 @dataclass
@@ -109,7 +110,8 @@ class CpuWorker:
             y = self._predicted(job.layer, cl, job.x, job.predicted)
         else:
             y = self._threshold(job.layer, cl, job.x)
-        self.stats.cpu_interval(job.layer, time.perf_counter() - t0)
+        if self.stats.enabled:
+            self.stats.cpu_interval(job.layer, time.perf_counter() - t0)
         return y
 
     def _count(self, layer: int, active: int, rows: int, predicted: int = 0) -> None:
@@ -151,8 +153,13 @@ class CpuWorker:
             return self.kernel.up_down(x, coef, idx, cl.up_down)
         ga, u = self._gate_up(cl, x)
         a = ga * u
-        mask = (ga if self.rule == "gate" else a).abs() > cl.threshold
-        w, idx, off = csr(a, mask)
+        if self.rule == "product" and x.shape[0] == 1:
+            # one op for |a| > t (hardshrink keeps a where |a| > t, else 0: an active a is never 0)
+            kept = F.hardshrink(a[0], cl.threshold)
+            idx = kept.nonzero().squeeze(1)
+            w, off = kept.index_select(0, idx), _ZERO
+        else:
+            w, idx, off = csr(a, (ga if self.rule == "gate" else a).abs() > cl.threshold)
         self._count(layer, int(idx.numel()), int(idx.numel()))
         return self.kernel.down(w, idx, off, self._down_rows(cl, D))
 
@@ -286,28 +293,30 @@ class HybridModel:
         sparse = self.mode != "exact" and (T == 1 or self.prefill == "sparse")
         t0 = st.begin(B * T, "decode" if T == 1 else "prefill")
         on_cpu = self.device.type == "cpu"
+        measure, worker, preds, cold = st.enabled, self.worker, self.predictors, self.cold_layers
         h = F.embedding(tokens.to(self.device), self.embed)  # [B, T, D]
         for i, gl in enumerate(self.gpu_layers):
-            m0 = st.gpu_mark()
+            m0 = st.gpu_mark() if measure else 0.0
             h = h + attention(cfg, gl.lw, rms_norm(h, gl.lw.attn_norm, cfg.norm_eps), start, self.rope,
                               cache.k[i], cache.v[i])
-            x = rms_norm(h, gl.lw.ffn_norm, cfg.norm_eps).reshape(B * T, cfg.dim)
+            x = rms_norm(h, gl.lw.ffn_norm, cfg.norm_eps).view(B * T, cfg.dim)
             pred = None
-            if sparse and self.predictors is not None and self.cold_layers[i].c:
-                pred = self.predictors.cold_active(i, x)
+            if sparse and preds is not None and cold[i].c:
+                pred = preds.cold_active(i, x)
                 pred = pred if on_cpu else pred.cpu()
-            job = self.worker.submit(i, x if on_cpu else x.cpu(), sparse, pred)
+            job = worker.submit(i, x if on_cpu else x.cpu(), sparse, pred)
             y = self._hot(i, gl, x)  # queued on the GPU side (asynchronous on CUDA)
-            m1 = st.gpu_mark()
-            y_cold = self.worker.result(job)  # the CPU worker's partial sum
-            m2 = st.gpu_mark()
+            m1 = st.gpu_mark() if measure else 0.0
+            y_cold = worker.result(job)  # the CPU worker's partial sum
+            m2 = st.gpu_mark() if measure else 0.0
             if y_cold is not None:
                 y_cold = y_cold if on_cpu else y_cold.to(self.device, non_blocking=True)
                 y = y_cold if y is None else y + y_cold
             h = h + y.view(B, T, cfg.dim)
-            m3 = st.gpu_mark()
-            st.gpu_interval(i, m0, m1)
-            st.gpu_interval(i, m2, m3)
+            if measure:
+                m3 = st.gpu_mark()
+                st.gpu_interval(i, m0, m1)
+                st.gpu_interval(i, m2, m3)
         if last_only:
             h = h[:, -1:]
         logits = F.linear(rms_norm(h, self.norm, cfg.norm_eps), self.lm_head).float()
