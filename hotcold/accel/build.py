@@ -103,8 +103,8 @@ def from_bundle(path: str | Path, *, device: str | torch.device = "cpu", **engin
             gate, up_down = ct[p + "cold_gate"], ct[p + "cold_up_down"]
         else:  # the `split` layout: re-bundled in memory
             c = int(nt[p + "cold"].numel())
-            gu = ct[p + "cold_gate_up"]
-            gate, up_down = gu[:c].clone(), torch.cat([gu[c:], ct[p + "cold_down"]], dim=1)
+            gu = ct[p + "cold_gate_up_t"].t()  # stored [D, 2c] (gemv layout); rows 0..c-1 gate, c..2c-1 up
+            gate, up_down = gu[:c].contiguous(), torch.cat([gu[c:], ct[p + "cold_down"]], dim=1)
         cls.append(CpuLayer(gate=gate, up_down=up_down, cold_ids=nt[p + "cold"].numpy().astype(np.int64)))
     embed = gt["tok_embeddings"].to(device)
     head = embed if cfg.tie_embeddings else gt["output"].to(device)
