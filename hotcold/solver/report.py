@@ -328,7 +328,19 @@ def _context(placements: list[Placement]) -> list[str]:
             f"CPU {hw['cpu']['bandwidth'] / 1e9:.1f} GB/s, sync {hw['link']['sync_seconds'] * 1e6:.1f} µs",
             f"cost model: {p.cold_mode} cold mode, {p.dtype}, context {p.manifest['ctx_len']}, attention etc. "
             f"{cm['pre_ms_per_layer']:.3f} ms/layer before the split, LM head {cm['head_ms']:.3f} ms",
-            f"profile: {p.manifest['profile'].get('content_hash', '?')[:16]} ({p.manifest['profile'].get('dataset')})"]
+            f"profile: {p.manifest['profile'].get('content_hash', '?')[:16]} ({_dataset(p.manifest['profile'])})"]
+
+
+def _dataset(profile_ref: dict[str, Any]) -> str:
+    """The profile's dataset in words ('mbpp, split test, 100 prompts'), not its raw manifest dict."""
+    ds = profile_ref.get("dataset")
+    if not isinstance(ds, dict):
+        return str(ds or "unknown dataset")
+    words = [str(ds.get("name") or "unknown dataset")]
+    words += [f"{k} {ds[k]}" for k in ("split", "seed") if ds.get(k) is not None]
+    if ds.get("n_prompts"):
+        words.append(f"{ds['n_prompts']} prompts")
+    return ", ".join(words)
 
 
 def render_markdown(placements: list[Placement], plot_dir_name: str,
