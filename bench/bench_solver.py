@@ -7,7 +7,8 @@ the warm ones, the solver status and gap, the MILP size before and after the Lag
 the modelled latency. One case is also solved with the unreduced MILP (every block a binary) to show
 the reduction's value and that both give the same optimum.
 
-    python bench/bench_solver.py [--out bench/bench_solver.json] [--repeat 3] [--no-full]
+    python bench/bench_solver.py [--out bench/bench_solver.json] [--repeat 3] [--no-full] [--solver cbc|highs]
+                                 [--preset h200|h200-decode]
 
 Restricted to 2 cores of an idle machine (the JSON records `cpus_usable`):
 
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-full", action="store_true", help="skip the unreduced MILP comparison")
+    ap.add_argument("--solver", default="auto", help="MILP backend: auto (HiGHS if installed, else CBC), cbc, highs")
+    ap.add_argument("--preset", default="h200", help="hardware preset (h200: the issue's raw rates; h200-decode)")
     args = ap.parse_args()
 
     import numpy as np
@@ -68,7 +71,8 @@ def main() -> None:
             pl = None
             for _ in range(args.repeat + 1):
                 t = time.perf_counter()
-                pl = solve(prof, "h200", policy=pol, group_size=args.group_size, ctx_len=4096, **kw)
+                pl = solve(prof, args.preset, policy=pol, group_size=args.group_size, ctx_len=4096,
+                           solver=args.solver, **kw)
                 times.append(time.perf_counter() - t)
             s = pl.manifest["solver"]
             row = {"case": name, "policy": pol, **kw, "group_size": args.group_size,
@@ -88,11 +92,12 @@ def main() -> None:
     if not args.no_full:
         name, kw = CASES[0]
         t = time.perf_counter()
-        red = solve(prof, "h200", policy="adaptive", group_size=args.group_size, ctx_len=4096, **kw)
+        red = solve(prof, args.preset, policy="adaptive", group_size=args.group_size, ctx_len=4096,
+                    solver=args.solver, **kw)
         t_red = time.perf_counter() - t
         t = time.perf_counter()
-        unr = solve(prof, "h200", policy="adaptive", group_size=args.group_size, ctx_len=4096, reduce=False,
-                    time_limit=600, **kw)
+        unr = solve(prof, args.preset, policy="adaptive", group_size=args.group_size, ctx_len=4096, reduce=False,
+                    time_limit=600, solver=args.solver, **kw)
         t_full = time.perf_counter() - t
         full = {"case": name, "reduced_s": t_red, "unreduced_s": t_full,
                 "reduced_objective_us": red.manifest["solver"]["objective"],
@@ -113,7 +118,8 @@ def main() -> None:
         "model": {"shape": cfg.name, "n_layers": cfg.n_layers, "n_ff": cfg.n_ff, "dtype": "float16", "ctx_len": 4096},
         "profile": {"kind": "synthetic (hotcold.solver.synth)", "seed": args.seed, "tokens": 65536,
                     "generation_s": gen_s},
-        "hardware": "h200 preset",
+        "hardware": f"{args.preset} preset",
+        "solver": args.solver,
         "timing": f"solve() from a loaded Profile, {args.repeat} warm runs after one cold run; default "
                   "time limit (10 s) and MIP gap (1e-4)",
         "load_average": {"start": load_start, "end": os.getloadavg()},

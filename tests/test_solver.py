@@ -66,9 +66,10 @@ def hand(policy: str, sync_us: float = 0.5, min_hot=None, **kw) -> Placement:
 
 
 def test_hand_instance_known_optima():
-    # adaptive: (4, 1) = 0.4 + 3.5 = 3.9 µs beats (3, 2) = 1.5 + 2.5 = 4.0: filling a layer saves its sync
+    # adaptive: (4, 1) = 0.4 + 3.5 = 3.9 µs beats (3, 2) = 1.5 + 2.5 = 4.0: filling a layer saves its sync.
+    # Exact mode costs do not depend on f, so (1, 4) ties with (4, 1); CBC and HiGHS may return either.
     a = hand("adaptive")
-    assert a.n_hot.tolist() == [4, 1] and layer_us(a) == pytest.approx(3.9)
+    assert sorted(a.n_hot.tolist()) == [1, 4] and layer_us(a) == pytest.approx(3.9)
     assert a.status == "optimal" and a.manifest["solver"]["gap"] <= 1e-9
     # impact and fixed: the five most frequent neurons (0.9 0.85 0.8 0.75 0.7) -> (3, 2), 4.0 µs
     for pol in ("impact", "fixed"):
@@ -83,7 +84,7 @@ def test_hand_instance_min_hot_not_binding():
     # sync 0.5 µs, saving 0.9 µs per neuron moved: C_l = 1, which every non-empty layer meets anyway
     p = hand("adaptive", min_hot=True)
     assert [x["min_hot"] for x in p.layers] == [1, 1]
-    assert p.n_hot.tolist() == hand("adaptive", min_hot=False).n_hot.tolist() == [4, 1]
+    assert sorted(p.n_hot.tolist()) == sorted(hand("adaptive", min_hot=False).n_hot.tolist()) == [1, 4]
 
 
 def test_hand_instance_min_hot_binding():
@@ -91,7 +92,7 @@ def test_hand_instance_min_hot_binding():
     # Layer time: k=0: 6, k=1: 5, k=3: 3, k=4: 0.4 µs. Without C_l: (4, 1) = 5.4 µs; with C_l the best
     # split of 5 slots is (4, 0) = 6.4 µs (or (0, 4)): C_l forbids the better placement.
     free = hand("adaptive", sync_us=2.0, min_hot=False)
-    assert free.n_hot.tolist() == [4, 1] and layer_us(free) == pytest.approx(5.4)
+    assert sorted(free.n_hot.tolist()) == [1, 4] and layer_us(free) == pytest.approx(5.4)
     forced = hand("adaptive", sync_us=2.0, min_hot=True)
     assert [x["min_hot"] for x in forced.layers] == [3, 3]
     assert sorted(forced.n_hot.tolist()) == [0, 4] and layer_us(forced) == pytest.approx(6.4)

@@ -29,7 +29,9 @@ the MILP over all blocks (tests check this against the unreduced model and again
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -228,6 +230,35 @@ def _solver(name: str, time_limit: float, mip_gap: float):
         return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1.0, time_limit), gapRel=mip_gap, threads=threads), "cbc"
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send file descriptor 1 to 2 while a native solver runs.
+
+    highspy prints its banner ("Running HiGHS ...") from C++ to the process's stdout when a model is
+    created, before PuLP can turn its output off; stdout carries hotcold's results (`--json`), so the
+    banner goes to stderr with the other progress text. C's stdio buffers are flushed before fd 1 is
+    restored, or the banner would still reach stdout at exit.
+    """
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no fd 1 (embedded interpreter): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)
+        except (OSError, AttributeError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def solve_blocks(p: BlockProblem, time_limit: float = 10.0, mip_gap: float = 1e-4, solver: str = "auto",
                  reduce: bool = True, formulation: str = "incremental",
                  log: Callable[[str], None] = lambda s: None) -> BlockSolution:
@@ -279,7 +310,8 @@ def solve_blocks(p: BlockProblem, time_limit: float = 10.0, mip_gap: float = 1e-
         try:
             if backend == "cbc" and ub_k is not None:
                 backend_solver.optionsDict["warmStart"] = True
-            prob.solve(backend_solver)
+            with _stdout_to_stderr() if backend == "highs" else contextlib.nullcontext():
+                prob.solve(backend_solver)
         except pulp.PulpSolverError as e:
             raise InfeasibleError(f"the MILP solver failed ({e})", "re-run with --solver cbc, or --debug") from None
         status, sol = pulp.LpStatus[prob.status], prob.sol_status
