@@ -22,7 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hotcold.errors import HotcoldError
 
-out = Console(highlight=False, soft_wrap=True)
+# Piped or redirected stdout has no terminal width; rich would assume 80 columns and cut wide tables
+# ("GPU …"), so results get room for a full table there ($COLUMNS still wins).
+out = Console(highlight=False, soft_wrap=True,
+              width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])

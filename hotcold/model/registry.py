@@ -117,7 +117,10 @@ def load_source(spec: str | Path, quiet: bool = False) -> WeightSource:
 
 
 def _random(s: str) -> WeightSource:
-    """random:SHAPE or random:SHAPE:key=value,... (seed, and any ModelConfig field such as n_layers)."""
+    """random:SHAPE or random:SHAPE:key=value,... — seed, any ModelConfig field (n_layers, ...),
+    workload=synthetic|PROFILE_DIR (skewed neuron firing, see hotcold.model.random) and
+    tokenizer=MODEL|DIR (another model's tokenizer, or a directory with tokenizer.json; ids folded into
+    this vocabulary), gen=cpu|cuda|auto (where the weights are generated: fast on a GPU, other values)."""
     from hotcold.model.config import ModelConfig, shape
     from hotcold.model.random import RandomSource
 
@@ -125,14 +128,54 @@ def _random(s: str) -> WeightSource:
     name = parts[1]
     kw: dict[str, int | float] = {}
     seed = 0
+    workload = tokenizer = ""
+    gen = "cpu"
     if len(parts) == 3 and parts[2]:
         fields = set(ModelConfig.__dataclass_fields__)
         for item in parts[2].split(","):
             key, _, val = item.partition("=")
             if key == "seed":
                 seed = int(val)
+            elif key == "workload":
+                workload = val
+            elif key == "tokenizer":
+                tokenizer = val
+            elif key == "gen":
+                if val not in ("cpu", "cuda", "auto"):
+                    raise InputError(f"gen={val} in {s!r}: the generator device must be cpu, cuda or auto", "e.g. gen=auto")
+                gen = val
             elif key in fields:
                 kw[key] = float(val) if "." in val else int(val)
             else:
-                raise InputError(f"unknown field {key!r} in {s!r}", "use seed=N or a ModelConfig field, e.g. random:tiny:n_layers=2")
-    return RandomSource(shape(name, **kw), seed=seed)
+                raise InputError(f"unknown field {key!r} in {s!r}",
+                                 "use seed=N, workload=synthetic|PROFILE_DIR, tokenizer=MODEL|DIR, gen=cpu|cuda|auto or a ModelConfig field, "
+                                 "e.g. random:tiny:n_layers=2")
+    cfg = shape(name, **kw)
+    tok = None
+    if tokenizer:
+        from hotcold.model.tokenizer import FoldedTokenizer
+
+        if (Path(tokenizer).expanduser() / "tokenizer.json").is_file():
+            from hotcold.model.tokenizer import Tokenizer
+
+            base = Tokenizer.from_hf_dir(Path(tokenizer).expanduser())
+        else:
+            base = load_source(tokenizer).tokenizer()
+        if base is None:
+            raise InputError(f"tokenizer={tokenizer} in {s!r}: that model has no tokenizer", "use e.g. tokenizer=smollm2-135m")
+        tok = FoldedTokenizer(base, cfg.vocab_size, tokenizer)
+    f = None
+    if workload == "synthetic":
+        from hotcold.accel.workload import synthetic
+
+        f = synthetic(cfg.n_layers, cfg.n_ff, seed=seed)
+    elif workload:
+        p = Path(workload).expanduser()
+        if not (p / "manifest.json").is_file():
+            raise InputError(f"workload={workload} in {s!r} is neither 'synthetic' nor a profile directory",
+                             "use workload=synthetic or the path of a `hotcold profile run` output")
+        from hotcold.accel.workload import load_frequencies, map_by_depth
+
+        f = map_by_depth([load_frequencies(p)[0]], cfg.n_layers, cfg.n_ff, seed=seed)[0]
+        workload = f"profile:{p.name}"
+    return RandomSource(cfg, seed=seed, tokenizer=tok, workload=f, workload_name=workload, gen_device=gen)

@@ -103,8 +103,22 @@ class Tokenizer:
         template = cfg.get("chat_template")
         if template is None and (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text()
-        # HF tokenizer.json files add BOS through their post-processor; we never add it twice.
-        return cls(tk=tk, bos_id=bos, eos_ids=ids, add_bos=False, chat_template=template)
+        # HF tokenizer.json files add BOS through their post-processor; we never add it twice
+        # (unless the directory was written by `save`, which records whether we add it).
+        return cls(tk=tk, bos_id=bos, eos_ids=ids, add_bos=bool(cfg.get("hotcold_add_bos", False)),
+                   chat_template=template)
+
+    def save(self, d: Path) -> Path:
+        """Write tokenizer.json + tokenizer_config.json that `from_hf_dir` reads back (e.g. to carry a
+        GGUF model's tokenizer, 2 MB, where the model file cannot go)."""
+        d = Path(d)
+        d.mkdir(parents=True, exist_ok=True)
+        self.tk.save(str(d / "tokenizer.json"))
+        cfg = {"bos_token": self.token_str(self.bos_id) if self.bos_id is not None else None,
+               "eos_token": self.token_str(self.eos_ids[0]) if self.eos_ids else None,
+               "chat_template": self.chat_template, "hotcold_add_bos": self.add_bos}
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+        return d
 
     # ---- use -----------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -150,3 +164,33 @@ class Tokenizer:
     def chat_ids(self, user: str, system: str | None = None) -> list[int]:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         return self.encode(self.render_chat(msgs))
+
+
+class FoldedTokenizer:
+    """Another model's tokenizer lent to a model with a smaller vocabulary (a random 70B-shaped model
+    has none): token ids at or above `vocab` fold to id % vocab. Text round-trips only for ids below
+    `vocab`; the ids feed the model a realistic token stream (lengths, repetition), which is all a
+    random-weight model can use."""
+
+    def __init__(self, base: Tokenizer, vocab: int, description: str):
+        self.base = base
+        self.vocab = int(vocab)
+        self.description = description
+        self.eos_ids = tuple(i % self.vocab for i in base.eos_ids)
+        self.bos_id = None if base.bos_id is None else base.bos_id % self.vocab
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return [i % self.vocab for i in self.base.encode(text, add_bos)]
+
+    def chat_ids(self, user: str, system: str | None = None) -> list[int]:
+        return [i % self.vocab for i in self.base.chat_ids(user, system)]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.base.decode(ids, skip_special)
+
+    def __getattr__(self, name: str) -> Any:  # render_chat, token_str, chat_template, add_bos, ...
+        return getattr(self.base, name)

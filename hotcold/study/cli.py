@@ -15,7 +15,7 @@ from hotcold.clikit import JsonOpt, ModelOpt, command, err, out, print_json, pro
 def _run(cfg, json_out: bool) -> dict:
     from rich.table import Table
 
-    from hotcold.study.report import COLUMNS, table_rows, write_reports
+    from hotcold.study.report import table_rows, visible_columns, write_reports
     from hotcold.study.study import run_study
 
     with progress(disable=json_out) as bar:
@@ -39,9 +39,10 @@ def _run(cfg, json_out: bool) -> dict:
     hw = results["hardware"]["name"]
     t = Table(title=f"{results['config']['model']}: dense decode {results['dense']['measured_decode_ms_per_token']:.1f} "
                     f"ms/token here; 'model ms' = cost model on {hw}, 'meas ms' = measured here", title_justify="left")
-    for _, h, _ in COLUMNS:
+    cols = visible_columns(results)
+    for _, h, _ in cols:
         t.add_column(h, justify="right", no_wrap=True)
-    for row in table_rows(results):
+    for row in table_rows(results, cols):
         t.add_row(*row)
     out.print(t)
     out.print(f"report: {html}  (markdown: {md}; data: {Path(cfg.out) / 'results.json'})")
@@ -61,6 +62,10 @@ def study_cmd(
     thresholds: Annotated[str, typer.Option("--thresholds", help="Activation thresholds to compare: layer (per-layer t_l), global (one t for all layers), or layer,global.")] = "layer",
     hardware: Annotated[str, typer.Option("--hardware", help="Target machine of the cost model: a preset (pc-high, pc-low, h200), a spec JSON, or 'calibrate' (this machine).")] = "pc-high",
     pass_at_1: Annotated[int, typer.Option("--pass-at-1", min=0, help="Tasks to generate and test in the sandbox per run (0 skips).")] = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights: float32, float16 or bfloat16 (float16 on a GPU).")] = "float32",
+    device: Annotated[str, typer.Option("--device", help="Where the dense reference, profiler and the GPU part run: cpu, cuda or auto.")] = "auto",
+    engine: Annotated[str, typer.Option("--engine", help="Decode timing: runtime (hotcold run), accel (the GPU engine, hotcold bench) or auto (accel on CUDA).")] = "auto",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens decoded for each speed measurement.")] = 32,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Results directory.")] = Path("hotcold-study"),
     json_out: JsonOpt = False,
 ) -> None:
@@ -70,6 +75,10 @@ def study_cmd(
     quality, per-layer τ_l) to --out.
 
     Example: hotcold study --budgets ffn:0.1,ffn:0.3 --policies fixed,adaptive --pass-at-1 10
+
+    At LLaMA-70B shape on a GPU (random weights with a skewed workload, SmolLM2's tokenizer):
+    hotcold study -m random:llama2-70b:n_layers=4,workload=synthetic,tokenizer=smollm2-135m,gen=auto
+    --dtype float16 --hardware h200 --policies fixed,adaptive,dynamic
     """
     from hotcold.study.study import StudyConfig
 
@@ -77,7 +86,8 @@ def study_cmd(
                       profile_limit=profile_limit, eval_limit=eval_limit,
                       budgets=[b.strip() for b in budgets.split(",") if b.strip()],
                       policies=[p.strip() for p in policies.split(",") if p.strip()], sparsity=sparsity,
-                      thresholds=[t.strip() for t in thresholds.split(',') if t.strip()], hardware=hardware, pass_at_1=pass_at_1, out=out_dir)
+                      thresholds=[t.strip() for t in thresholds.split(',') if t.strip()], hardware=hardware, pass_at_1=pass_at_1,
+                      dtype=dtype, device=device, engine=engine, speed_new_tokens=new_tokens, out=out_dir)
     _run(cfg, json_out)
 
 

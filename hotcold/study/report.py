@@ -11,7 +11,7 @@ from typing import Any
 
 # (key, short header for the terminal, full header for the reports)
 COLUMNS = [
-    ("name", "run", "run (policy@budget)"), ("gpu_bytes", "GPU MiB", "GPU memory (MiB)"),
+    ("name", "run", "run (policy@budget)"), ("engine", "engine", "decoded by"), ("gpu_bytes", "GPU MiB", "GPU memory (MiB)"),
     ("n_hot_fraction", "hot", "neurons on GPU"), ("modelled_ms_per_token", "model ms", "modelled ms/token"),
     ("measured_decode_ms_per_token", "meas ms", "measured ms/token (decode)"),
     ("gpu_share_of_active", "GPU act", "GPU share of activated neurons"),
@@ -34,8 +34,13 @@ def fmt(key: str, v: Any) -> str:
     return str(v)
 
 
-def table_rows(results: dict[str, Any]) -> list[list[str]]:
-    return [[fmt(k, r.get(k)) for k, _, _ in COLUMNS] for r in results["runs"]]
+def visible_columns(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """COLUMNS without those no run has a value for (pass@1 when not asked for)."""
+    return [c for c in COLUMNS if c[0] == "name" or any(r.get(c[0]) is not None for r in results["runs"])]
+
+
+def table_rows(results: dict[str, Any], cols: list[tuple[str, str, str]] | None = None) -> list[list[str]]:
+    return [[fmt(k, r.get(k)) for k, _, _ in (cols or COLUMNS)] for r in results["runs"]]
 
 
 def write_csv(results: dict[str, Any], path: Path) -> None:
@@ -116,10 +121,51 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         + (f", pass@1 {100 * d['pass_at_1']:.1f}%" if d.get("pass_at_1") is not None else "") + ".",
     ]
     hw = results["hardware"]
+    dev = results.get("device", "cpu")
+    where = f"`{dev}`" + (f" ({results['gpu_name']})" if results.get("gpu_name") else "")
     lines.append(f"Modelled ms/token are the cost model's for `{hw['name']}` ({hw.get('source', '')}); measured "
-                 f"ms/token are this run's on `{results.get('device', 'cpu')}`"
+                 f"ms/token are this run's on {where}"
                  + (" where the GPU side runs on the CPU too, so the two sides' work adds up instead of overlapping."
-                    if results.get("device", "cpu") == "cpu" else "."))
+                    if dev == "cpu" else "."))
+    engines = {r.get("engine", "runtime") for r in results["runs"]}
+    if "accel" in engines:
+        lines.append("Runs marked `accel` were decoded by the GPU engine (hotcold.accel: CUDA graphs, numba CPU kernel), "
+                     "whose threshold mode applies t_l to hot neurons too, so their quality is the same for every "
+                     "placement; `runtime` runs (hotcold run) compute hot neurons densely."
+                     + (" `dynamic` always runs on the engine." if "runtime" in engines else ""))
+    if "random" in results["model"]["source"]:
+        lines.append("**Random weights**: latency and memory are the model shape's; quality numbers say only that the "
+                     "hybrid model computes what the dense one does, not how well a real model of this shape codes.")
+    return lines
+
+
+def answer_lines(results: dict[str, Any]) -> list[str]:
+    """Each policy against `fixed` at the same budget (and threshold kind): the study's answer, in numbers."""
+    runs = results["runs"]
+    lines = []
+    wins: dict[str, list[float]] = {}
+    for r in runs:
+        base = next((b for b in runs if b["policy"] == "fixed" and b["budget"] == r["budget"]
+                     and b.get("thresholds_kind") == r.get("thresholds_kind")), None)
+        if base is None or r is base or r["policy"] == "fixed":
+            continue
+        meas = base["measured_decode_ms_per_token"] / r["measured_decode_ms_per_token"]
+        model = base["modelled_ms_per_token"] / r["modelled_ms_per_token"]
+        wins.setdefault(r["policy"], []).append(meas)
+        extra = ""
+        mig = r.get("migration")
+        if mig:
+            extra = (f"; migration moved {mig.get('neurons_moved', 0)} neurons "
+                     f"({mig.get('bytes_per_token', 0) / 2**20:.2f} MiB/token)")
+        lines.append(
+            f"{r['budget']}: {r['policy']} vs fixed — measured {meas:.2f}× ({base['measured_decode_ms_per_token']:.3g} → "
+            f"{r['measured_decode_ms_per_token']:.3g} ms/token), modelled {model:.2f}×, GPU memory "
+            f"{(r['gpu_bytes'] - base['gpu_bytes']) / 2**20:+.1f} MiB, agreement {r['agreement'] - base['agreement']:+.3f}{extra}.")
+    for pol, v in wins.items():
+        faster = sum(x > 1.02 for x in v)
+        slower = sum(x < 0.98 for x in v)
+        lines.append(f"Overall {pol} vs fixed (measured): faster (> 2%) at {faster} of {len(v)} budgets, slower at {slower}, "
+                     f"range {min(v):.2f}×–{max(v):.2f}×.")
     return lines
 
 
@@ -129,17 +175,23 @@ def write_reports(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     imgs = plots(results)
     for name, data in imgs.items():
         (out / name).write_bytes(data)
-    head = [h for _, _, h in COLUMNS]
+    cols = visible_columns(results)
+    head = [h for _, _, h in cols]
+    rows = table_rows(results, cols)
+    answer = answer_lines(results)
     cmd = results.get("command", "")
-    md = ["# hotcold study", "", *summary_lines(results), "", _md_table(head, table_rows(results)), "",
+    md = ["# hotcold study", "", *summary_lines(results), "", _md_table(head, rows), "",
+          *(["## Against fixed thresholds", "", *[f"- {a}" for a in answer], ""] if answer else []),
           "![latency and quality vs GPU memory](pareto.png)", "", "![per-layer tau](tau_per_layer.png)", "",
           "Reproduce:", "", "```", cmd, "```", ""]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md))
     body = [f"<h1>hotcold study</h1>"] + [f"<p>{html.escape(s)}</p>" for s in summary_lines(results)]
     body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(results))
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
                 + "</table>")
+    if answer:
+        body.append("<h2>Against fixed thresholds</h2><ul>" + "".join(f"<li>{html.escape(a)}</li>" for a in answer) + "</ul>")
     for name, data in imgs.items():
         body.append(f'<p><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}"></p>')
     body.append(f"<p>Reproduce:</p><pre>{html.escape(cmd)}</pre>")

@@ -45,6 +45,9 @@ class StudyConfig:
     thresholds: list[str] = field(default_factory=lambda: ["layer"])  # layer: per-layer t_l at the target
     # sparsity (from the profile's histograms); global: one t for every layer (the median of the per-layer ones)
     dtype: str = "float32"
+    device: str = "auto"  # where the dense reference, the profiler and the runtime's GPU part run
+    engine: str = "auto"  # decode timing: runtime (hotcold.runtime.HybridModel) or accel (hotcold.accel, CUDA
+    # graphs + numba CPU kernel; the GPU engine). auto: accel on CUDA, runtime on a CPU-only machine.
     ctx_len: int = 512
     speed_prompt_tokens: int = 64
     speed_new_tokens: int = 32
@@ -85,6 +88,7 @@ class RunRow:
     migration: dict[str, Any] | None
     taus: list[float | None]
     thresholds_kind: str
+    engine: str = "runtime"
 
 
 def _peak_rss() -> int:
@@ -187,6 +191,15 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
         raise InputError(f"unknown threshold kind {bad[0]!r}", "use layer, global or layer,global")
     if not cfg.policies or not cfg.budgets:
         raise InputError("the study has no policies or no budgets", "pass --policies and --budgets")
+    device = resolve_device(cfg.device)
+    engine = cfg.engine if cfg.engine != "auto" else ("accel" if device == "cuda" else "runtime")
+    if engine not in ("runtime", "accel"):
+        raise InputError(f"unknown engine {cfg.engine!r}", "use runtime, accel or auto")
+    from hotcold.profiler.engine import DTYPES
+
+    if cfg.dtype not in DTYPES:
+        raise InputError(f"unknown dtype {cfg.dtype!r}", f"use one of: {', '.join(DTYPES)}")
+    tdtype = DTYPES[cfg.dtype]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     step = progress or (lambda what, i, n: None)
@@ -217,7 +230,8 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
     else:
         log(f"profiling {cfg.model} on {cfg.dataset} {cfg.profile_split} ({cfg.profile_limit} prompts, {cfg.profile_mode})")
         opts = ProfileOptions(mode=cfg.profile_mode, activation=ActivationSpec(kind="magnitude", sparsity=cfg.sparsity),
-                              samples=2048, batch_size=4)
+                              samples=2048, batch_size=4, device=device,
+                              dtype="float32" if device == "cpu" else cfg.dtype)
         res = profile_dataset(src, cfg.dataset, cfg.profile_split, limit=cfg.profile_limit, opts=opts, out=prof_dir,
                               progress=lambda done, total, tokens: step("profile", int(done), int(total)))
         profile = res.profile
@@ -226,7 +240,7 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
     # 3. the dense reference on held-out prompts
     eval_tasks = list(load_dataset(cfg.dataset, cfg.eval_split, limit=max(cfg.eval_limit, cfg.pass_at_1 or 0)))
     seqs = eval_sequences(tok, eval_tasks, cfg.eval_limit)
-    dense = DenseModel.from_source(src, max_len=cfg.ctx_len)
+    dense = DenseModel.from_source(src, dtype=tdtype, device=device, max_len=cfg.ctx_len)
     dense_tf = teacher_forced_logits(dense, seqs)
     dense_ppl = float(np.mean([perplexity(lg, tg) for lg, tg in dense_tf]))
     speed_ids = (seqs[0][0] * 4)[: cfg.speed_prompt_tokens]
@@ -272,12 +286,12 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
             export_bundle(src, pl, b_dir, profile=profile,
                           options=ExportOptions(dtype=cfg.dtype, rule="gate", sparsity=cfg.sparsity,
                                                 threshold=thresholds, ctx_len=cfg.ctx_len))
-        if policy == "dynamic":
-            rows.append(run_dynamic(cfg, profile, hw, pl, b_dir, name, pol, budget, gpu_budget, tkind, seqs,
-                                    dense_tf, dense_ppl, speed_ids))
+        if policy == "dynamic" or engine == "accel":
+            rows.append(run_engine(cfg, profile, hw, pl, b_dir, name, pol, budget, gpu_budget, tkind, seqs,
+                                   dense_tf, dense_ppl, speed_ids, device, dynamic=policy == "dynamic"))
             step(f"{name}", i + 1, len(runs))
             continue
-        hm = HybridModel(Bundle.load(b_dir), mode=cfg.cold_mode, device="auto", max_len=cfg.ctx_len, prefill="sparse")
+        hm = HybridModel(Bundle.load(b_dir), mode=cfg.cold_mode, device=device, max_len=cfg.ctx_len, prefill="sparse")
         tf = teacher_forced_logits(hm, seqs)
         comps = [compare_logits(d[0], h[0]) for d, h in zip(dense_tf, tf)]
         agree = float(np.average([c.agreement for c in comps], weights=[len(d[1]) for d in dense_tf]))
@@ -307,10 +321,37 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
                "profile": {"path": str(prof_dir), "content_hash": profile.content_hash,
                            "token_count": profile.token_count},
                "runs": [asdict(r) for r in rows], "seconds": time.perf_counter() - t_start,
-               "device": "cuda" if torch.cuda.is_available() else "cpu",
+               "device": device, "engine": engine,
+               "gpu_name": torch.cuda.get_device_name() if device == "cuda" else None,
                "date": time.strftime("%Y-%m-%d %H:%M")}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     return results
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {device!r}", "use cpu, cuda or auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda, but torch sees no CUDA device here", "use --device cpu or auto")
+    return device
+
+
+def _engine_decode(eng, speed_ids: list[int], n: int) -> float:
+    for _ in range(2):  # warm-up (graph capture, numba compile), then the timed run
+        eng.reset()
+        eng.prefill(speed_ids)
+        for _ in range(4):
+            eng.step(None)
+    eng.reset()
+    eng.prefill(speed_ids)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        eng.step(None)
+    return 1e3 * (time.perf_counter() - t0) / n
 
 
 def pass_rate(model, tok, tasks, max_new_tokens: int) -> float:
@@ -328,12 +369,17 @@ def pass_rate(model, tok, tasks, max_new_tokens: int) -> float:
     return float(pass_at_1(tasks, completions).rate)
 
 
-def run_dynamic(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: str, budget: str, gpu_budget: int,
-                tkind: str, seqs, dense_tf, dense_ppl: float, speed_ids: list[int]) -> RunRow:
-    """The fixed placement's bundle run by the accel engine with online migration (DynamicPlacement).
+def run_engine(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: str, budget: str, gpu_budget: int,
+               tkind: str, seqs, dense_tf, dense_ppl: float, speed_ids: list[int], device: str = "cpu",
+               dynamic: bool = False) -> RunRow:
+    """A Bundle run by the GPU engine (hotcold.accel: CUDA graphs, numba CPU kernel), with online migration
+    (DynamicPlacement) when `dynamic` — the fixed placement's bundle, so GPU memory stays fixed's.
 
     Quality: the engine is teacher-forced token by token over the held-out sequences (migrations happen
-    while it goes), its logits compared with the dense model's. Speed: greedy decode after a prefill.
+    while it goes), its logits compared with the dense model's. The engine's threshold mode applies t_l to
+    hot neurons too, so every placement computes the same function and agreement does not depend on the
+    placement (the runtime, `--engine runtime`, computes hot neurons densely). Speed: greedy decode after
+    a prefill.
     """
     import torch
 
@@ -342,41 +388,42 @@ def run_dynamic(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: 
     from hotcold.quality.metrics import compare_logits, perplexity
     from hotcold.solver.costmodel import CostModel
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     mcfg = pl.model_config
-    eng = from_bundle(b_dir, device=dev, cold_mode="threshold", max_len=cfg.ctx_len)
-    dyn = DynamicPlacement(eng, CostModel(mcfg, hw, cfg.dtype, cold_mode="threshold", ctx_len=cfg.ctx_len),
-                           profile.frequencies("decode"), every=16)
+    eng = from_bundle(b_dir, device=device, cold_mode="threshold", max_len=cfg.ctx_len)
+    dyn = None
+    if dynamic:
+        dyn = DynamicPlacement(eng, CostModel(mcfg, hw, cfg.dtype, cold_mode="threshold", ctx_len=cfg.ctx_len),
+                               profile.frequencies("decode"), every=16)
     comps, ppls, weights = [], [], []
+    hot_act = cold_act = 0.0
     for (ids, start), (d_logits, targets) in zip(seqs, dense_tf):
         eng.reset()
         got = []
         for t, tok in enumerate(ids[:-1]):
-            eng.step(tok)
+            st = eng.step(tok)
             if t >= start - 1:
                 got.append(eng.logits.detach().float().cpu().clone())
+                hot_act += float(eng.hot_active_dev.sum())
+                cold_act += st.cold_active
         lg = torch.stack(got)
         comps.append(compare_logits(d_logits, lg))
         ppls.append(perplexity(lg, targets))
         weights.append(len(targets))
-    tokens_seen = dyn.tokens_seen  # steps the migration hook saw (engine counters reset at each decision)
-    eng.reset()
-    eng.prefill(speed_ids)
-    n = cfg.speed_new_tokens
-    t0 = time.perf_counter()
-    for _ in range(n):
-        eng.step(None)
-    decode_ms = 1e3 * (time.perf_counter() - t0) / n
+    tokens_seen = dyn.tokens_seen if dyn else 0  # steps the migration hook saw
+    decode_ms = _engine_decode(eng, speed_ids, cfg.speed_new_tokens)
     n_hot = [g.n_hot for g in eng.gl]
     tot = pl.totals
+    n_ff = mcfg.n_layers * mcfg.n_ff
     return RunRow(
         name=name, policy=pol, budget=budget, gpu_budget_bytes=gpu_budget, solver_status=pl.status,
         solve_seconds=float(pl.manifest["solver"].get("seconds", 0.0)),
-        n_hot_fraction=float(sum(n_hot) / (mcfg.n_layers * mcfg.n_ff)), gpu_bytes=int(tot["gpu_bytes"]),
+        n_hot_fraction=float(sum(n_hot) / n_ff), gpu_bytes=int(tot["gpu_bytes"]),
         cpu_bytes=int(tot["cpu_bytes"]), modelled_ms_per_token=float(tot["modelled_ms_per_token"]),
         measured_decode_ms_per_token=decode_ms, measured_prefill_ms_per_token=float("nan"),
-        gpu_share_of_active=None, active_fraction=None, peak_rss_bytes=_peak_rss(),
+        gpu_share_of_active=hot_act / max(hot_act + cold_act, 1.0),
+        active_fraction=(hot_act + cold_act) / max(sum(weights) * n_ff, 1), peak_rss_bytes=_peak_rss(),
         agreement=float(np.average([c.agreement for c in comps], weights=weights)),
         kl=float(np.average([c.kl_mean for c in comps], weights=weights)), perplexity=float(np.mean(ppls)),
         dense_perplexity=dense_ppl, pass_at_1=None, placement=str(pl.path or ""), bundle=str(b_dir),
-        migration=dyn.stats.to_json(max(tokens_seen, 1)), taus=pl.taus, thresholds_kind=tkind)
+        migration=dyn.stats.to_json(max(tokens_seen, 1)) if dyn else None, taus=pl.taus, thresholds_kind=tkind,
+        engine="accel")
