@@ -115,7 +115,7 @@ def test_migration_keeps_exact_output(src, ref, backend):
     prior = np.zeros((cfg.n_layers, cfg.n_ff))
     for l in range(cfg.n_layers):
         prior[l][hot[l]] = 1.0
-    dyn = DynamicPlacement(eng, cm, prior, every=2, alpha=0.9, max_swaps=16, horizon=10**6)
+    dyn = DynamicPlacement(eng, cm, prior, every=2, alpha=0.9, max_swaps=16, horizon=10**6, margin=0.0)
     out = _decode(eng, IDS)
     dyn.flush()
     assert dyn.stats.neurons > 20 and dyn.stats.decisions >= 3
@@ -161,6 +161,30 @@ def test_dynamic_moves_hot_neurons_of_a_shifted_workload(src):
     dyn.flush()
     assert share() > before + 0.3
     assert dyn.stats.bytes > 0
+
+
+def test_dynamic_noise_margin_holds_still_on_a_matched_workload(src):
+    """The workload is the profile's: with the noise margin few neurons move; on point estimates many do."""
+    from hotcold.accel.dynamic import DynamicPlacement
+    from hotcold.accel.selectors import SampledPredictor
+    from hotcold.solver.costmodel import CostModel
+    from hotcold.solver.hardware import preset
+
+    cfg = src.config
+    f = np.random.default_rng(0).random((cfg.n_layers, cfg.n_ff)) ** 8
+    hot = [np.argsort(-f[l])[:64] for l in range(cfg.n_layers)]
+    moved = {}
+    for margin in (0.0, 2.0):
+        sel = SampledPredictor(f, cfg.dim, 8, "cpu", torch.float32, bank_rows=64)
+        eng = from_source(src, hot, cold_mode="predictor", selector=sel, max_len=128)
+        cm = CostModel(cfg, preset("h200"), "float32", cold_mode="predictor", ctx_len=128)
+        dyn = DynamicPlacement(eng, cm, f, every=8, alpha=0.5, max_swaps=64, horizon=10**5, margin=margin)
+        eng.step(1)
+        for _ in range(40):
+            eng.step(None)
+        dyn.flush()
+        moved[margin] = dyn.stats.neurons
+    assert moved[0.0] > 20 and moved[2.0] <= moved[0.0] // 4, moved
 
 
 def test_hold_density_moves_thresholds(src):

@@ -6,9 +6,16 @@ graphs, cold slots from the CPU kernel's flags). Every `every` tokens this hook
      (per block of `every` tokens, weight `alpha`), starting from the profile's frequencies;
   2. re-decides per layer, greedily and with the solver's cost model (hotcold.solver.costmodel), which
      cold neurons deserve a GPU slot held by a colder hot neuron: pairs (hottest cold, coldest hot) are
-     taken while the incoming neuron is more frequent (with hysteresis) and the modelled saving over the
-     next `horizon` tokens (default 4 blocks), max(T_gpu, T_cpu) before minus after, pays for the
-     copies (bytes / PCIe);
+     taken while the incoming neuron is more frequent by more than the estimates' noise and a relative
+     hysteresis, and the modelled saving over the next `horizon` tokens (default 4 blocks),
+     max(T_gpu, T_cpu) before minus after, pays for the migration: the copies (bytes / PCIe) and the
+     host's own time per moved neuron (gathering and scattering rows on the CPU, measured on the
+     migrations so far);
+     the noise margin: an EMA of per-block frequencies from `every` tokens has a standard error of about
+     sqrt(p(1 - p) · alpha / ((2 - alpha) · every)); the decision uses the incoming neuron's frequency
+     minus `margin` standard errors and the outgoing one's plus `margin` standard errors, so on a
+     workload that matches the profile the extremes of sampling noise (the hottest-looking cold
+     neuron, the coldest-looking hot one) do not trigger migrations that cannot pay;
      at most `max_swaps` neurons a layer, so the GPU memory never changes (the budget holds);
   3. starts the copies on a side CUDA stream — the incoming rows from the CPU (gathered into pinned
      staging) to GPU staging, the outgoing rows from the GPU slots to pinned staging — while the
@@ -64,8 +71,10 @@ class MigrationStats:
 
 class DynamicPlacement:
     def __init__(self, engine: HybridEngine, cost: CostModel, prior: np.ndarray, *, every: int = 16,
-                 alpha: float = 0.3, hysteresis: float = 0.1, max_swaps: int = 256, horizon: int | None = None):
-        """prior [L, n_ff]: the profile's frequencies (id order), the EMA's starting point."""
+                 alpha: float = 0.3, hysteresis: float = 0.1, max_swaps: int = 256, horizon: int | None = None,
+                 margin: float = 2.0):
+        """prior [L, n_ff]: the profile's frequencies (id order), the EMA's starting point; margin: how many
+        standard errors of the EMA estimate a swap must clear (0: decide on the point estimates)."""
         self.eng = engine
         self.cm = cost
         self.every = every
@@ -73,6 +82,8 @@ class DynamicPlacement:
         self.hyst = hysteresis
         self.max_swaps = max_swaps
         self.horizon = horizon or 4 * every
+        self.margin = margin
+        self.noise_var = alpha / ((2.0 - alpha) * every)  # EMA variance per unit p(1 - p)
         self.ema = np.array(prior, dtype=np.float64, copy=True)
         self.stats = MigrationStats()
         self.pending: _Pending | None = None
@@ -134,26 +145,39 @@ class DynamicPlacement:
             m = min(self.max_swaps, g.n_hot, c.n_cold)
             hs = np.argsort(ph, kind="stable")[:m]  # coldest hot slots
             cs = np.argsort(-pc, kind="stable")[:m]  # hottest cold slots
-            ok = pc[cs] > ph[hs] * (1 + self.hyst) + 1e-12
+            p_in = np.clip(pc[cs] - self.margin * self._se(pc[cs]), 0.0, 1.0)  # pessimistic for the swap
+            p_out = np.clip(ph[hs] + self.margin * self._se(ph[hs]), 0.0, 1.0)
+            ok = p_in > p_out * (1 + self.hyst) + 1e-12
             n_ok = int(np.argmin(ok)) if not ok.all() else m
             if n_ok == 0:
                 continue
-            hs, cs = hs[:n_ok], cs[:n_ok]
+            hs, cs, p_in, p_out = hs[:n_ok], cs[:n_ok], p_in[:n_ok], p_out[:n_ok]
             gpu_t = float(cm.gpu_neuron_s(ph).sum())
             cpu_t = float(cm.cpu_neuron_s(pc).sum())
-            gain = np.cumsum(cm.cpu_neuron_s(pc[cs]) - cm.cpu_neuron_s(ph[hs]))
-            gpu_after = gpu_t + np.cumsum(cm.gpu_neuron_s(pc[cs]) - cm.gpu_neuron_s(ph[hs]))
+            gain = np.cumsum(cm.cpu_neuron_s(p_in) - cm.cpu_neuron_s(p_out))
+            gpu_after = gpu_t + np.cumsum(cm.gpu_neuron_s(p_in) - cm.gpu_neuron_s(p_out))
             before = max(gpu_t, cpu_t)
             after = np.maximum(gpu_after, cpu_t - gain)
-            copy_s = np.arange(1, n_ok + 1) * 2 * self.neuron_bytes / pcie
+            copy_s = np.arange(1, n_ok + 1) * (2 * self.neuron_bytes / pcie + self.host_s_per_neuron())
             value = self.horizon * (before - after) - copy_s
             best = int(np.argmax(value))
             if value[best] <= 0:
                 continue
             plan.append((l, hs[: best + 1].astype(np.int64), cs[: best + 1].astype(np.int64)))
         self.stats.history.append({"token": self.tokens_total, "tau": self.taus(),
-                                   "swaps": {int(l): int(len(h)) for l, h, _ in plan}})
+                                   "swaps": {int(l): int(len(h)) for l, h, _ in plan},
+                                   "host_us_per_neuron": self.host_s_per_neuron() * 1e6})
         return plan
+
+    def _se(self, p: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.clip(p * (1.0 - p), 1e-6, None) * self.noise_var)
+
+    def host_s_per_neuron(self) -> float:
+        """The host's time per moved neuron (starting + committing), measured; before the first migration,
+        its bytes (gather + scatter, read and written) at the cost model's CPU bandwidth."""
+        if self.stats.neurons:
+            return (self.stats.start_s + self.stats.commit_s) / self.stats.neurons
+        return 4 * self.neuron_bytes / self.cm.hw.cpu.bandwidth
 
     @property
     def tokens_total(self) -> int:

@@ -125,7 +125,7 @@ class HybridEngine:
                  gpu_layers: list[GpuLayer], cpu_layers: list[CpuLayer], *, cold_mode: str = "exact",
                  max_len: int = 512, thresholds: list[float] | None = None, selector: Any = None,
                  cpu_backend: str = "auto", cpu_threads: int | None = None, cpu_prefetch: bool | None = None,
-                 graphs: bool = True,
+                 graphs: bool = True, gpu_kernels: str = "auto",
                  stats: bool = False, stat_thresholds: list[float] | None = None):
         if cold_mode not in MODES:
             raise ValueError(f"cold mode {cold_mode!r}")
@@ -144,6 +144,9 @@ class HybridEngine:
         self.kernel = ColdKernel(cfg.dim, cpu_backend, cpu_threads, cpu_prefetch)
         self.graphs_wanted = graphs and self.cuda
         self.stats_on = stats
+        self.events_external = False
+        self.capture_error: str | None = None
+        self.ops = self._resolve_gpu_kernels(gpu_kernels)
         dev, D = self.device, cfg.dim
         self.thr = np.array(thresholds if thresholds is not None else [0.0] * self.L, dtype=np.float64)
         self.stat_thr = np.array(stat_thresholds if stat_thresholds is not None else self.thr, dtype=np.float64)
@@ -151,7 +154,6 @@ class HybridEngine:
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.h = torch.zeros(D, dtype=torch.float32, device=dev)
-        self.x = torch.zeros(D, dtype=torch.float32, device=dev)
         self.y_dev = torch.zeros(D, dtype=torch.float32, device=dev)
         self.logits = torch.zeros(cfg.vocab_size, dtype=torch.float32, device=dev)
         self.mask_add = torch.zeros(max_len, dtype=torch.float32, device=dev)
@@ -163,11 +165,27 @@ class HybridEngine:
         self.kc = [torch.zeros(KV, max_len, Hd, dtype=self.dtype, device=dev) for _ in range(self.L)]
         self.vc = [torch.zeros(KV, max_len, Hd, dtype=self.dtype, device=dev) for _ in range(self.L)]
         cmax = max([c.n_cold for c in cpu_layers] + [1])
-        self.cold_mask_dev = torch.zeros(cmax, dtype=torch.uint8, device=dev)
         pin = self.cuda
-        self.x_host = torch.zeros(D, dtype=torch.float32, pin_memory=pin)
+        # what goes to the CPU each split layer is one contiguous copy of a float32 staging buffer:
+        # x [D] | a send counter (int32 bits) | the cold mask (uint8, padded to whole words)
+        self._stage_words = D + 1 + (cmax + 3) // 4
+        self.stage_dev = torch.zeros(self._stage_words, dtype=torch.float32, device=dev)
+        self.stage_host = torch.zeros(self._stage_words, dtype=torch.float32, pin_memory=pin)
+        self.x = self.stage_dev[:D]
+        self.send_tag = self.stage_dev[D:D + 1].view(torch.int32)
+        self.cold_mask_dev = self.stage_dev[D + 1:].view(torch.uint8)[:cmax]
+        self.x_host = self.stage_host[:D]
+        self.mask_host = self.stage_host[D + 1:].view(torch.uint8)[:cmax]
+        self._tag_host = self.stage_host[D:D + 1].view(torch.int32).numpy()
+        self._tag_expected = 0
+        self.tag_spins = 0  # sends whose data had not arrived when the event said so (should stay 0)
         self.y_host = torch.zeros(D, dtype=torch.float32, pin_memory=pin)
-        self.mask_host = torch.zeros(cmax, dtype=torch.uint8, pin_memory=pin)
+        kmax = max([g.n_hot for g in gpu_layers] + [1])
+        H, KVh, Hdim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv_buf = torch.zeros((H + 2 * KVh) * Hdim, dtype=torch.float32, device=dev)
+        self.o_buf = torch.zeros(H * Hdim, dtype=torch.float32, device=dev)
+        self.a_buf = torch.zeros(kmax, dtype=torch.float32, device=dev)
+        self.s_buf = torch.zeros(kmax, dtype=torch.float32, device=dev)
         self.active = [torch.zeros(c.n_cold, dtype=torch.uint8) for c in cpu_layers]
         # neuron id of every slot, on the device (selectors map id-space decisions to slots with them)
         self.hot_ids_dev = [torch.as_tensor(g.hot_ids, dtype=torch.long).to(dev) for g in gpu_layers]
@@ -184,8 +202,11 @@ class HybridEngine:
         self._cold_active_last = np.zeros(self.L)
         self.thr_history: list[list[float]] = []
         self.stream = torch.cuda.current_stream(dev) if self.cuda else None
-        self.event = torch.cuda.Event() if self.cuda else None
+        self.events = [self._external_event() for _ in range(self.L)] if self.cuda else []
         self.hooks: list[Callable[[HybridEngine], None]] = []  # called between tokens (migration commits)
+        # on CUDA with graphs, each layer's send (copy to the host + event) is captured inside the graph, so a
+        # split layer costs one graph launch: [y(l-1) in, h += y, attention, selector, send(l), hot(l)]
+        self.send_in_graph = self.graphs_wanted and self.events_external
         self._plan = self._make_plan()
         self._graphs: list[Any] | None = None
         self.host_pos = 0  # tokens in the KV cache (a host copy of `pos`, no sync needed)
@@ -196,13 +217,42 @@ class HybridEngine:
     def split(self, l: int) -> bool:
         return self.cl[l].n_cold > 0
 
+    def _external_event(self):
+        try:
+            ev = torch.cuda.Event(external=True)
+            self.events_external = True
+        except TypeError:  # an older torch: sends stay outside the graphs
+            ev = torch.cuda.Event()
+            self.events_external = False
+        return ev
+
+    def _resolve_gpu_kernels(self, choice: str):
+        from hotcold.accel import triton_ops
+
+        if choice not in ("auto", "torch", "triton"):
+            raise ValueError(f"gpu kernels {choice!r}: use auto, torch or triton")
+        if choice == "torch" or (choice == "auto" and not self.cuda):
+            return None
+        if not triton_ops.available(self.device):
+            if choice == "triton":
+                from hotcold.errors import InputError
+
+                raise InputError("the Triton GPU kernels were asked for but triton cannot run here",
+                                 "install triton (CUDA), set TRITON_INTERPRET=1 on a CPU, or use --gpu-kernels torch")
+            return None
+        return triton_ops.GpuOps(self.device)
+
+    @property
+    def gpu_kernels(self) -> str:
+        return "triton" if self.ops is not None else "torch"
+
     def _make_plan(self) -> list[tuple[str, Any]]:
-        """[("gpu", [fns]), ("send", l), ("cpu", l), ...] for one decode step."""
+        """[("gpu", [fns]), ("send", l), ("cpu", l), ...] for one decode step (sends inside "gpu" when captured)."""
         ops: list[tuple[str, Any]] = [("g", self._embed)]
         for l in range(self.L):
             ops.append(("g", self._pre_fn(l)))
             if self.split(l):
-                ops.append(("send", l))
+                ops.append(("g", self._send_fn(l)) if self.send_in_graph else ("send", l))
             if self.gl[l].n_hot:
                 ops.append(("g", self._hot_fn(l)))
             if self.split(l):
@@ -231,13 +281,35 @@ class HybridEngine:
     def _pre_fn(self, l: int) -> Callable[[], None]:
         def pre() -> None:
             if l > 0 and self.split(l - 1):
-                self.h.add_(self.y_dev)
-            self._attention(l)
-            self.x.copy_(rms_norm(self.h, self.gl[l].ffn_norm.float(), self.cfg.norm_eps))
+                self._receive()
+            if self.ops is not None:
+                self._attention_fused(l)
+                if self.split(l):  # the CPU needs x; otherwise the hot gemv applies the norm itself
+                    self.ops.rmsnorm(self.h, self.gl[l].ffn_norm, self.cfg.norm_eps, self.x)
+            else:
+                self._attention(l)
+                self.x.copy_(rms_norm(self.h, self.gl[l].ffn_norm.float(), self.cfg.norm_eps))
             if self.cold_mode == "predictor" and self.split(l):
                 C = self.cl[l].n_cold
-                self.cold_mask_dev[:C].copy_(self.selector.cold_mask(self, l, self.x))
+                if hasattr(self.selector, "fill_cold_mask"):
+                    self.selector.fill_cold_mask(self, l, self.x, self.cold_mask_dev[:C])
+                else:
+                    self.cold_mask_dev[:C].copy_(self.selector.cold_mask(self, l, self.x))
         return pre
+
+    def _receive(self) -> None:
+        """h += y, the previous split layer's CPU partial sum (copied in from its pinned buffer on CUDA)."""
+        if self.cuda:
+            self.y_dev.copy_(self.y_host, non_blocking=True)
+        self.h.add_(self.y_dev)
+
+    def _attention_fused(self, l: int) -> None:
+        g, ops, cfg = self.gl[l], self.ops, self.cfg
+        ops.gemv(g.wqkv, self.qkv_buf, h=self.h, nw=g.attn_norm, eps=cfg.norm_eps)
+        if g.bqkv is not None:
+            self.qkv_buf.add_(g.bqkv.float())
+        ops.attention(self.qkv_buf, self.kc[l], self.vc[l], self.cos, self.sin, self.pos, self.o_buf, cfg.n_heads)
+        ops.gemv(g.wo, self.h, x=self.o_buf, acc=True)
 
     def _attention(self, l: int) -> None:
         cfg, g = self.cfg, self.gl[l]
@@ -264,6 +336,8 @@ class HybridEngine:
 
     def _hot_fn(self, l: int) -> Callable[[], None]:
         def hot() -> None:
+            if self.ops is not None:
+                return self._hot_fused(l)
             g = self.gl[l]
             k, D = g.n_hot, self.cfg.dim
             gu = F.linear(self.x.to(self.dtype), g.hot_gu.view(2 * k, D)).view(k, 2).float()
@@ -281,29 +355,56 @@ class HybridEngine:
             self.h.add_(torch.matmul(a.to(self.dtype), g.hot_down).float())
         return hot
 
+    def _hot_fused(self, l: int) -> None:
+        g, ops = self.gl[l], self.ops
+        k = g.n_hot
+        a, s = self.a_buf[:k], self.s_buf[:k]
+        need_s = self.cold_mode == "threshold" or (self.stats_on and self.cold_mode != "predictor")
+        src = dict(x=self.x) if self.split(l) else dict(h=self.h, nw=g.ffn_norm, eps=self.cfg.norm_eps)
+        ops.gate_up(g.hot_gu, a, s_out=s if need_s else None, **src)
+        if self.cold_mode == "threshold":
+            on = s.abs() > self.thr_dev[l]
+            a.mul_(on)
+            self.hot_active_dev[l] = on.sum()
+        if self.stats_on:
+            if self.cold_mode == "predictor":
+                self.hot_count[l].add_(self.selector.hot_active(self, l, self.x))
+            else:
+                self.hot_count[l].add_((s.abs() > self.stat_thr_dev[l]).float())
+        ops.vecmat_add(a, g.hot_down, self.h)
+
     def _head(self) -> None:
         if self.split(self.L - 1):
-            self.h.add_(self.y_dev)
-        xn = rms_norm(self.h, self.norm.float(), self.cfg.norm_eps).to(self.dtype)
-        self.logits.copy_(F.linear(xn, self.head).float())
+            self._receive()
+        if self.ops is not None:
+            self.ops.gemv(self.head, self.logits, h=self.h, nw=self.norm, eps=self.cfg.norm_eps)
+        else:
+            xn = rms_norm(self.h, self.norm.float(), self.cfg.norm_eps).to(self.dtype)
+            self.logits.copy_(F.linear(xn, self.head).float())
         self.tok.copy_(self.logits.argmax().view(1))
         self.pos.add_(1)
 
     # ---- CPU side ----------------------------------------------------------------------------
+    def _send_fn(self, l: int) -> Callable[[], None]:
+        return lambda: self._send(l)
+
     def _send(self, l: int) -> None:
+        """x, a send counter and (predictor mode) the cold mask to the pinned host buffer, then layer l's event."""
         if self.cuda:
-            self.x_host.copy_(self.x, non_blocking=True)
-            if self.cold_mode == "predictor":
-                C = self.cl[l].n_cold
-                self.mask_host[:C].copy_(self.cold_mask_dev[:C], non_blocking=True)
-            self.event.record()
+            n = self.cfg.dim + 1 + ((self.cl[l].n_cold + 3) // 4 if self.cold_mode == "predictor" else 0)
+            self.send_tag.add_(1)
+            self.stage_host[:n].copy_(self.stage_dev[:n], non_blocking=True)
+            self.events[l].record()
 
     def _cold(self, l: int, st: StepStats) -> None:
         c = self.cl[l]
         C = c.n_cold
         t0 = time.perf_counter()
         if self.cuda:
-            self.event.synchronize()
+            self.events[l].synchronize()
+            self._tag_expected += 1
+            if int(self._tag_host[0]) != self._tag_expected:
+                self._wait_tag()
             x = self.x_host
         else:
             x = self.x
@@ -317,8 +418,6 @@ class HybridEngine:
         act = mask if mask is not None else self.active[l]
         r = self.kernel(x, c.gate, c.up_down, self.cold_mode, mask=mask, thr=thr, active=act, out=out)
         t3 = time.perf_counter()
-        if self.cuda:
-            self.y_dev.copy_(self.y_host, non_blocking=True)
         st.cpu_wait_s += t1 - t0
         st.prep_s += t2 - t1
         st.cpu_kernel_s += t3 - t2
@@ -331,6 +430,20 @@ class HybridEngine:
                 self._exact_activity(l, x)
             self.cold_count[l] += act.numpy()
         st.post_s += time.perf_counter() - t3
+
+    def _wait_tag(self, timeout_s: float = 5.0) -> None:
+        """The event said done but the counter is not there yet: spin on the pinned buffer (counted)."""
+        self.tag_spins += 1
+        t_end = time.perf_counter() + timeout_s
+        while int(self._tag_host[0]) != self._tag_expected:
+            if time.perf_counter() > t_end:
+                raise RuntimeError(f"layer exchange out of step: send counter {int(self._tag_host[0])}, "
+                                   f"expected {self._tag_expected}")
+
+    def _sync_tag(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self._tag_expected = int(self.send_tag.item())
 
     def _exact_activity(self, l: int, x: torch.Tensor) -> None:
         c = self.cl[l]
@@ -346,9 +459,25 @@ class HybridEngine:
                 f()
 
     def capture(self) -> None:
-        """Capture every GPU segment as a CUDA graph (after one eager warm-up step at position 0)."""
+        """Capture every GPU segment as a CUDA graph (after eager warm-up steps at position 0).
+
+        With the sends inside the graphs first; if this torch/driver cannot capture them (pinned copies or
+        external events refused), again with the sends outside (two graphs per split layer)."""
         if not self.graphs_wanted or self._graphs is not None:
             return
+        try:
+            self._capture()
+        except Exception as ex:  # noqa: BLE001 - fall back to what always captures
+            if not self.send_in_graph:
+                raise
+            self.capture_error = repr(ex)[:300]
+            torch.cuda.synchronize(self.device)
+            self.send_in_graph = False
+            self._plan = self._make_plan()
+            self._graphs = None
+            self._capture()
+
+    def _capture(self) -> None:
         saved_pos, saved_host = self.pos.clone(), self.host_pos
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
@@ -365,7 +494,7 @@ class HybridEngine:
             if kind != "gpu":
                 continue
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
                 for f in v:
                     f()
             pool = g.pool()
@@ -386,6 +515,7 @@ class HybridEngine:
             k.zero_()
             v.zero_()
         self.totals = Totals()
+        self._sync_tag()
 
     @torch.inference_mode()
     def step(self, token: int | None = None) -> StepStats:

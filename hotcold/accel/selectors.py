@@ -33,6 +33,7 @@ class SampledPredictor:
         self.w1 = [(torch.randn(rank, dim, generator=g, device=device) * dim ** -0.5).to(dtype) for _ in range(L)]
         self.w2 = [(torch.randn(n_ff, rank, generator=g, device=device) * rank ** -0.5).to(dtype) for _ in range(L)]
         self.logits = torch.zeros(L, n_ff, device=device, dtype=torch.float32)
+        self.hidden = torch.zeros(L, rank, device=device, dtype=torch.float32)
         self.act = torch.zeros(L, n_ff, device=device, dtype=torch.bool)
         self.bank_rows = bank_rows
         self.dtype = dtype
@@ -51,8 +52,23 @@ class SampledPredictor:
         self._decide(eng, l, x)
         return self.act[l].index_select(0, eng.cold_ids_dev[l]).to(torch.uint8)
 
+    def fill_cold_mask(self, eng, l: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """cold_mask written into `out` (uint8 [C]); with the engine's Triton kernels: two gemvs and one
+        sampling kernel that reads the decisions of the cold slots only (same decisions as cold_mask)."""
+        ops = getattr(eng, "ops", None)
+        if ops is None:
+            out.copy_(self.cold_mask(eng, l, x))
+            return
+        ops.gemv(self.w1[l], self.hidden[l], x=x, relu=True)
+        ops.gemv(self.w2[l], self.logits[l], x=self.hidden[l])
+        ops.sample_mask(self.bank[l], eng.pos, self.p[l], eng.cold_ids_dev[l], out)
+
     def hot_active(self, eng, l: int, x: torch.Tensor) -> torch.Tensor:
-        return self.act[l].index_select(0, eng.hot_ids_dev[l]).float()
+        """The decisions for the hot slots (the same draws as cold_mask's, so both sides agree)."""
+        row = torch.remainder(eng.pos, self.bank_rows)
+        u = self.bank[l].index_select(0, row)[0]
+        ids = eng.hot_ids_dev[l]
+        return (u.index_select(0, ids) < self.p[l].index_select(0, ids)).float()
 
     def bytes_per_token(self) -> int:
         es = self.w1[0].element_size()
