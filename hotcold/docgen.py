@@ -19,7 +19,8 @@ ARTIFACT_MODULES = [
 # Every artifact's format versions, newest last: (version, date, what changed).
 VERSION_HISTORY = {
     "Profile": [(1, "2026-11-28", "first version")],
-    "HardwareSpec": [(1, "2026-11-28", "first version")],
+    "HardwareSpec": [(1, "2026-11-28", "first version"),
+                     (2, "2026-11-28", "link.host_overhead_seconds (host work per split layer; version 1 reads as 0)")],
     "Placement": [(1, "2026-11-28", "first version")],
     "Bundle": [(1, "2026-11-28", "first version")],
 }

@@ -20,6 +20,38 @@ def test_presets_carry_the_documented_numbers():
         assert 0 < spec.default_gpu_budget < spec.gpu.memory_bytes
 
 
+def test_h200_decode_preset_and_host_overhead():
+    d = preset("h200-decode")
+    assert (d.gpu.bandwidth, d.cpu.bandwidth, d.link.sync_seconds) == (3.26e12, 76e9, 15.7e-6)
+    assert d.link.host_overhead_seconds == pytest.approx(274e-6)
+    # sync + host = the 290 µs per split layer that the H200 bench fitted (run 2)
+    assert d.link.sync_seconds + d.link.host_overhead_seconds == pytest.approx(289.7e-6, rel=1e-3)
+    assert "link.host_overhead_seconds" in d.notes
+    # the raw preset keeps the issue's device rates and no engine overhead
+    assert preset("h200").link.host_overhead_seconds == 0.0
+    assert (d.gpu.memory_bytes, d.cpu.memory_bytes) == (preset("h200").gpu.memory_bytes, preset("h200").cpu.memory_bytes)
+
+
+def test_version_1_specs_still_load(tmp_path):
+    """Format version 1 had no link.host_overhead_seconds: such files load, with 0."""
+    d = preset("h200").to_json()
+    d["format_version"] = 1
+    del d["link"]["host_overhead_seconds"]
+    (tmp_path / "v1.json").write_text(json.dumps(d))
+    old = HardwareSpec.load(tmp_path / "v1.json")
+    assert old.link.host_overhead_seconds == 0.0 and old.link.sync_seconds == 15.7e-6
+    assert old.to_json()["format_version"] == 2
+    from pathlib import Path
+
+    fitted = Path(__file__).resolve().parents[1] / "bench" / "results" / "hw_h200_fitted_run2.json"
+    assert HardwareSpec.load(fitted).link.host_overhead_seconds == 0.0  # a real version-1 file
+    d = preset("h200-decode").to_json()
+    d["link"]["host_overhead_seconds"] = -1e-6
+    (tmp_path / "neg.json").write_text(json.dumps(d))
+    with pytest.raises(InputError, match="host_overhead_seconds must be 0 or more"):
+        HardwareSpec.load(tmp_path / "neg.json")
+
+
 def test_round_trip(tmp_path):
     for name, spec in PRESETS.items():
         path = spec.save(tmp_path / f"{name}.json")

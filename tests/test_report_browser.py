@@ -5,8 +5,8 @@ h200 preset. The static checks always run: every <img> of the HTML is a data: UR
 well-formed PNG (chunk CRCs, IHDR size, IDAT inflating to exactly the pixel rows IHDR promises — no PIL),
 and the markdown's tables have one column count per table and its image links point at files that exist.
 The browser check runs when a Chromium binary is found (`apt-get install chromium`; CI may not have it):
-Chromium loads the report, an inline script decodes each of `document.images` (`img.decode()`, then
-`complete && naturalWidth > 0`), draws it on a canvas and counts its opaque pixels (a truncated PNG
+Chromium loads the report, an inline script checks each of `document.images` (`complete &&
+naturalWidth > 0`), draws it on a canvas and counts its opaque pixels (a truncated PNG
 decodes partly and leaves transparent rows; matplotlib's plots are opaque), and writes the result into
 the DOM, which `--dump-dom` returns; a screenshot of the
 page must be a well-formed PNG of the window's size that is not blank (many colours, plot-coloured pixels).
@@ -112,11 +112,11 @@ def test_markdown_report_renders_with_consistent_tables_and_existing_images(repo
     assert len(tables) == 1 + 3  # the policy comparison + one per-layer table per placement
     for rows in tables:
         assert len(rows) >= 2 and len(set(rows)) == 1, f"ragged table: {rows}"
-    assert tables[0] == [11] * 4 and all(r == [10] * 31 for r in tables[1:])  # 30 layers + header
+    assert tables[0] == [11] * 4 and all(r == [11] * 31 for r in tables[1:])  # 30 layers + header
     # a row with the wrong number of '|' would render as fewer/more cells: compare with the source lines
     for line in text.splitlines():
         if line.startswith("|"):
-            assert len(re.split(r"(?<!\\)\|", line)) - 2 in (10, 11), line
+            assert len(re.split(r"(?<!\\)\|", line)) - 2 == 11, line
 
     html = MarkdownIt("commonmark").enable("table").render(text)
     imgs = re.findall(r'<img src="([^"]+)"', html)
@@ -125,6 +125,29 @@ def test_markdown_report_renders_with_consistent_tables_and_existing_images(repo
         f = md.parent / src
         assert f.is_file(), f"markdown links {src}, which does not exist"
         png_info(f.read_bytes())
+
+
+def test_placements_without_host_overhead_still_report():
+    """Placements written before time_ms.host existed render, with 0 host overhead."""
+    import copy
+
+    from hotcold.solver.placement import Placement
+    from hotcold.solver.report import critical_path, render_html, render_markdown
+
+    prof = synthetic_profile(SHAPES["smollm2-135m"], seed=3, tokens=4096)
+    new = solve(prof, "h200-decode", policy="adaptive", gpu_budget="250MiB", ctx_len=2048)
+    m = copy.deepcopy(new.manifest)
+    for x in m["layers"]:
+        del x["time_ms"]["host"]
+    del m["totals"]["time_ms"]["host"]
+    del m["hardware"]["link"]["host_overhead_seconds"]
+    old = Placement(manifest=m, order=new.order, n_hot=new.n_hot)
+    assert critical_path(old)["host"] == 0.0
+    assert new.totals["time_ms"]["host"] > 0
+    assert critical_path(new)["host"] == pytest.approx(new.totals["time_ms"]["host"])
+    text, plots = render_markdown([new, old], "plots")
+    assert "host overhead 274 µs per split layer" in text and len(plots) == len(PLOT_TITLES)
+    assert "<img" in render_html([old], plots)
 
 
 # ---- the browser -----------------------------------------------------------------------------------
@@ -137,25 +160,22 @@ def chromium() -> str | None:
 
 
 CHECK = """<script>
-window.addEventListener('load', function () {
-  var all = Array.prototype.slice.call(document.images);
-  Promise.allSettled(all.map(function (i) { return i.decode(); })).then(function (res) {
-    var rows = all.map(function (img, k) {
-      if (res[k].status !== 'fulfilled' || !img.complete || img.naturalWidth === 0) return 'broken';
-      // draw it: a truncated PNG still "decodes" (partly), but its missing rows come out transparent
-      var c = document.createElement('canvas');
-      c.width = img.naturalWidth; c.height = img.naturalHeight;
-      var ctx = c.getContext('2d');
-      ctx.drawImage(img, 0, 0);
-      var d = ctx.getImageData(0, 0, c.width, c.height).data, opaque = 0;
-      for (var j = 3; j < d.length; j += 4) if (d[j] === 255) opaque++;
-      return img.naturalWidth + 'x' + img.naturalHeight + '@' + (opaque / (d.length / 4)).toFixed(4);
-    });
-    var p = document.createElement('pre');
-    p.id = 'hotcold-check';
-    p.textContent = 'images=' + rows.join(';');
-    document.body.appendChild(p);
+window.addEventListener('load', function () {  // 'load' waits for every image; all below is synchronous
+  var rows = Array.prototype.slice.call(document.images).map(function (img) {
+    if (!img.complete || img.naturalWidth === 0 || img.naturalHeight === 0) return 'broken';
+    // draw it: a truncated PNG still decodes (partly), but its missing rows come out transparent
+    var c = document.createElement('canvas');
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    var ctx = c.getContext('2d');
+    ctx.drawImage(img, 0, 0);
+    var d = ctx.getImageData(0, 0, c.width, c.height).data, opaque = 0;
+    for (var j = 3; j < d.length; j += 4) if (d[j] === 255) opaque++;
+    return img.naturalWidth + 'x' + img.naturalHeight + '@' + (opaque / (d.length / 4)).toFixed(4);
   });
+  var p = document.createElement('pre');
+  p.id = 'hotcold-check';
+  p.textContent = 'images=' + rows.join(';');
+  document.body.appendChild(p);
 });
 </script>"""
 

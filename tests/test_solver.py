@@ -30,11 +30,13 @@ def cfg_of(n_layers: int, n_ff: int):
     return shape("tiny", n_layers=n_layers, n_ff=n_ff, max_seq_len=64)
 
 
-def hw_of(cpu_us: float = 1.0, gpu_us: float = 0.1, sync_us: float = 0.5, shared: bool = False) -> HardwareSpec:
+def hw_of(cpu_us: float = 1.0, gpu_us: float = 0.1, sync_us: float = 0.5, shared: bool = False,
+          host_us: float = 0.0) -> HardwareSpec:
     """A machine on which a neuron of the test shape costs cpu_us on the CPU (exact mode), gpu_us on the GPU."""
     return HardwareSpec(name="test", gpu=GpuSpec("g", 2**30, NB / (gpu_us * 1e-6), sparse_bandwidth=NB / (gpu_us * 2e-6)),
                         cpu=CpuSpec("c", 2**30, NB / (cpu_us * 1e-6), threads=1),
-                        link=LinkSpec(pcie_bandwidth=1e9, sync_seconds=sync_us * 1e-6, shared_memory=shared),
+                        link=LinkSpec(pcie_bandwidth=1e9, sync_seconds=sync_us * 1e-6, shared_memory=shared,
+                                      host_overhead_seconds=host_us * 1e-6),
                         dtype="float32")
 
 
@@ -317,6 +319,34 @@ def test_cost_model_by_hand():
     assert t.total == pytest.approx(t.pre + t.gpu + t.cpu) and (t.sync == 0).all()
     with pytest.raises(InputError, match="predictor"):
         CostModel(cfg, hw, "float32", cold_mode="threshold", gpu_sparse=True)
+
+
+def test_host_overhead_is_paid_per_split_layer_and_stays_out_of_min_hot():
+    """Exact mode, 2 layers × 4 neurons, room for 4 hot, no sync. Layer time with k hot: max(0.1 k, 4 − k)
+    + H·[k < 4]: k = 0..4 → 4, 3, 2, 1, 0.4 µs. Without host overhead a split wins: (2, 2), (3, 1) or
+    (1, 3) = 4.0 µs against (4, 0) = 0.4 + 4 = 4.4. With H = 1 µs a split pays it twice: 6.0 against
+    (4, 0) = 5.4, so adaptive moves a whole layer to the GPU."""
+    cfg = cfg_of(2, 4)
+    kw = dict(gpu_budget=budget_for(cfg, hw_of(), 4), group_size=1, cold_mode="exact", mip_gap=1e-9)
+    free = solve_frequencies(F_HAND, cfg, hw_of(sync_us=0.0), policy="adaptive", **kw)
+    assert free.n_hot.sum() == 4 and 4 not in free.n_hot.tolist() and layer_us(free) == pytest.approx(4.0)
+    hw = hw_of(sync_us=0.0, host_us=1.0)
+    ad = solve_frequencies(F_HAND, cfg, hw, policy="adaptive", **kw)
+    assert sorted(ad.n_hot.tolist()) == [0, 4]
+    assert sum(x["time_ms"]["host"] for x in ad.layers) * 1e3 == pytest.approx(1.0)  # one split layer
+    assert sum(x["time_ms"]["total"] - x["time_ms"]["pre"] for x in ad.layers) * 1e3 == pytest.approx(5.4)
+    assert ad.totals["time_ms"]["host"] * 1e3 == pytest.approx(1.0)
+    # C_l is T_sync over the per-neuron saving: host overhead does not enter it (it is paid with or
+    # without hot neurons); impact's placement does not change, its modelled latency does
+    for sync in (0.0, 2.0):
+        pcs = [ProfileCosts(CostModel(cfg, hw_of(sync_us=sync, host_us=h), "float32", cold_mode="exact", ctx_len=64),
+                            F_HAND) for h in (0.0, 50.0)]
+        assert pcs[0].min_hot().tolist() == pcs[1].min_hot().tolist() == ([0, 0] if sync == 0 else [3, 3])
+    imp = [solve_frequencies(F_HAND, cfg, hw_of(sync_us=0.0, host_us=h), policy="impact", **kw) for h in (0.0, 1.0)]
+    assert imp[0].n_hot.tolist() == imp[1].n_hot.tolist() == [2, 2]
+    assert imp[1].totals["modelled_ms_per_token"] - imp[0].totals["modelled_ms_per_token"] == pytest.approx(2e-3)
+    cm = CostModel(cfg, hw, "float32", cold_mode="exact", ctx_len=64)
+    assert (cm.host_s, cm.split_s) == (1e-6, 1e-6) and cm.to_json()["host_ms"] == pytest.approx(1e-3)
 
 
 def test_breakeven_frequency():

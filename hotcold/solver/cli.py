@@ -13,7 +13,9 @@ import typer
 from hotcold.clikit import JsonOpt, command, err, out, print_json
 
 ProfileOpt = Annotated[Path, typer.Option("--profile", "-p", help="Profile directory (from `hotcold profile`).")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Hardware preset: pc-high, pc-low or h200.")]
+PresetOpt = Annotated[Optional[str], typer.Option(
+    "--preset", help="Hardware preset: pc-high, pc-low, h200 (the H200 machine's device rates) or h200-decode "
+                     "(what hotcold's engine achieved there: lower rates + host overhead per split layer).")]
 HardwareOpt = Annotated[Optional[Path], typer.Option("--hardware", help="Hardware spec JSON (from `hotcold calibrate`).")]
 GpuBudgetOpt = Annotated[Optional[str], typer.Option(
     "--gpu-budget", help="GPU memory for hotcold's tensors: 24GiB, 48GB, 512MiB or bytes. Default: the GPU's memory less its reserve.")]

@@ -9,12 +9,17 @@ Decode at batch 1 is memory-bound, so a device's time is the bytes it reads over
     T_cpu   = Σ_{i cold} c_i                   threshold: c_i = (B_gate + p_i·(B_up + B_down)) / BW_cpu
                                               predictor: c_i = p_i·B_n / BW_cpu
                                               exact:     c_i = B_n / BW_cpu
-    T_l     = T_pre + max(T_gpu, T_cpu) + T_sync·[layer has a cold neuron]
+    T_l     = T_pre + max(T_gpu, T_cpu) + (T_sync + T_host)·[layer has a cold neuron]
 
 The FFN's input is the attention's output, so the CPU cannot start a layer's cold neurons before the GPU
 has finished its attention: the two sides overlap on the FFN only (design.md writes the attention bytes
 inside T_gpu; at batch 1 the data dependency puts them before the split). A layer with any cold neuron
-pays one exchange (FFN input to the CPU, partial sum back, synchronise). Without a discrete GPU
+pays one exchange (FFN input to the CPU, partial sum back, synchronise: T_sync = link.sync_seconds) and
+the engine's host work around it (launches, waiting for the attention, the CPU kernel's parallel-region
+start: T_host = link.host_overhead_seconds, 0 unless fitted to an engine). Only T_sync enters C_l
+(`ProfileCosts.min_hot`): T_host is paid by every layer with CPU work however many of its neurons are
+hot, so no number of hot neurons pays it back; only a whole layer on the GPU avoids it, and the
+adaptive MILP prices that choice exactly. Without a discrete GPU
 (`link.shared_memory`) both sides read over the same memory bus: T_l = T_pre + T_gpu + T_cpu.
 Per-token latency = Σ_l T_l + T_head (final norm, LM head and one embedding row, on the GPU).
 
@@ -74,6 +79,16 @@ class CostModel:
     def sync_s(self) -> float:
         return 0.0 if self.hw.link.shared_memory else self.hw.link.sync_seconds
 
+    @property
+    def host_s(self) -> float:
+        """Host/exchange overhead per layer with CPU work, beyond the sync itself (not in C_l)."""
+        return self.hw.link.host_overhead_seconds
+
+    @property
+    def split_s(self) -> float:
+        """Everything a layer with a cold neuron pays once: sync + host overhead."""
+        return self.sync_s + self.host_s
+
     @cached_property
     def pre_bytes(self) -> int:
         """GPU bytes read per layer before the FFN split: attention weights, norms, K/V, predictor."""
@@ -132,7 +147,7 @@ class CostModel:
                 "gpu_sparse": self.gpu_sparse, "overlap": self.overlap,
                 "neuron_bytes": {"gate": self.neuron.gate, "up": self.neuron.up, "down": self.neuron.down},
                 "pre_bytes_per_layer": self.pre_bytes, "pre_ms_per_layer": self.pre_s * 1e3,
-                "head_ms": self.head_s * 1e3, "sync_ms": self.sync_s * 1e3,
+                "head_ms": self.head_s * 1e3, "sync_ms": self.sync_s * 1e3, "host_ms": self.host_s * 1e3,
                 "breakeven_frequency": self.breakeven_frequency()}
 
 
@@ -144,8 +159,13 @@ class LayerTimes:
     gpu: np.ndarray  # hot FFN neurons on the GPU
     cpu: np.ndarray  # cold FFN neurons on the CPU
     sync: np.ndarray  # exchange when the layer has cold neurons
-    total: np.ndarray  # pre + max(gpu, cpu) + sync  (pre + gpu + cpu + sync on one memory bus)
+    total: np.ndarray  # pre + max(gpu, cpu) + sync + host  (pre + gpu + cpu + sync + host on one memory bus)
     head: float
+    host: np.ndarray | None = None  # host overhead when the layer has cold neurons (None: zeros)
+
+    def __post_init__(self):
+        if self.host is None:
+            object.__setattr__(self, "host", np.zeros_like(self.sync))
 
     @property
     def per_token(self) -> float:
@@ -221,10 +241,11 @@ class ProfileCosts:
     def times(self, n_hot: np.ndarray) -> LayerTimes:
         k = np.asarray(n_hot, dtype=np.int64).reshape(self.n_layers, 1)
         g, c = self.gpu_at(k)[:, 0], self.cpu_at(k)[:, 0]
-        sync = self.cm.sync_s * (k[:, 0] < self.n_ff)
+        split = k[:, 0] < self.n_ff
+        sync, host = self.cm.sync_s * split, self.cm.host_s * split
         pre = np.full(self.n_layers, self.cm.pre_s)
-        total = pre + (np.maximum(g, c) if self.cm.overlap else g + c) + sync
-        return LayerTimes(pre=pre, gpu=g, cpu=c, sync=sync, total=total, head=self.cm.head_s)
+        total = pre + (np.maximum(g, c) if self.cm.overlap else g + c) + sync + host
+        return LayerTimes(pre=pre, gpu=g, cpu=c, sync=sync, total=total, head=self.cm.head_s, host=host)
 
     def gpu_share(self, n_hot: np.ndarray) -> np.ndarray:
         """Expected share of the layer's activations that hot neurons serve."""
@@ -239,6 +260,7 @@ class ProfileCosts:
         PowerInfer's C_l = T_sync / (T_cpu,n − T_gpu,n) with one per-neuron time; here the saving of the
         layer's own hottest neurons is summed until it reaches T_sync (the same number when all neurons
         cost the same). A layer whose neurons never save T_sync gets C_l = n_ff (all hot or none).
+        T_sync only: the host overhead (`CostModel.host_s`) is paid with or without hot neurons.
         """
         sync = self.cm.sync_s
         c = np.full(self.n_layers, self.n_ff, dtype=np.int64)

@@ -1,7 +1,18 @@
 """HardwareSpec (design.md §2): memory, bandwidths and sync latency of a GPU+CPU machine, presets, calibration.
 
-A spec is a small JSON file (`kind: hardware`, `format_version: 1`). Every number says where it comes
+A spec is a small JSON file (`kind: hardware`, `format_version: 2`). Every number says where it comes
 from (`source`, `notes`): a datasheet, a paper, or a measurement by `hotcold calibrate`.
+
+    gpu   {name, memory_bytes, bandwidth, sparse_bandwidth, reserve_bytes}
+    cpu   {name, memory_bytes, bandwidth, threads, reserve_bytes}
+    link  {pcie_bandwidth, sync_seconds, host_overhead_seconds, shared_memory}
+    dtype, source, notes {field: where the number comes from}, measurements {...}
+
+link.sync_seconds is the exchange itself (FFN input out, partial sum back, synchronise: what a 32 KB
+round trip measures); link.host_overhead_seconds is the rest of what a layer with CPU work costs the
+engine outside both sides' kernels (launches, waiting for the attention, the CPU kernel's parallel-region
+start). Both are paid once per layer that has a cold neuron; only sync_seconds enters C_l
+(docs/cost-model.md says why). Version 1 files have no host_overhead_seconds and load with 0.
 """
 
 from __future__ import annotations
@@ -19,7 +30,8 @@ from hotcold.errors import IncompatibleError, InputError
 from hotcold.memory import canonical_dtype
 
 KIND = "hardware"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)  # version 1: no link.host_overhead_seconds (read as 0)
 GiB = 2**30
 
 
@@ -46,6 +58,7 @@ class LinkSpec:
     pcie_bandwidth: float  # B/s, pinned host <-> device copies
     sync_seconds: float  # per split layer: send the FFN input, get the partial sum back, synchronise
     shared_memory: bool = False  # no discrete GPU: the "GPU" side runs on the CPU, over the same memory bus
+    host_overhead_seconds: float = 0.0  # per split layer: host work and waiting outside both sides' kernels
 
 
 @dataclass(frozen=True)
@@ -66,9 +79,11 @@ class HardwareSpec:
             if not v > 0:
                 raise InputError(f"hardware spec {self.name!r}: {what} must be positive, got {v}",
                                  "fix the spec file or re-run `hotcold calibrate`")
-        if self.link.sync_seconds < 0:
-            raise InputError(f"hardware spec {self.name!r}: link.sync_seconds is negative",
-                             "fix the spec file or re-run `hotcold calibrate`")
+        for what, v in (("link.sync_seconds", self.link.sync_seconds),
+                        ("link.host_overhead_seconds", self.link.host_overhead_seconds)):
+            if not v >= 0:
+                raise InputError(f"hardware spec {self.name!r}: {what} must be 0 or more, got {v}",
+                                 "fix the spec file or re-run `hotcold calibrate`")
 
     # ---- budgets --------------------------------------------------------------------------------
     @property
@@ -88,9 +103,9 @@ class HardwareSpec:
         if d.get("kind") != KIND:
             raise IncompatibleError(f"{where} is not a hardware spec (kind {d.get('kind')!r})",
                                     "pass a file written by `hotcold calibrate` or use --preset")
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READS:
             raise IncompatibleError(f"{where} is hardware format version {d.get('format_version')}; "
-                                    f"this hotcold reads [{FORMAT_VERSION}]", "re-run `hotcold calibrate`")
+                                    f"this hotcold reads {list(READS)}", "re-run `hotcold calibrate`")
         try:
             return cls(name=d["name"], gpu=GpuSpec(**d["gpu"]), cpu=CpuSpec(**d["cpu"]), link=LinkSpec(**d["link"]),
                        dtype=d.get("dtype", "float16"), source=d.get("source", ""), notes=dict(d.get("notes", {})),
@@ -110,7 +125,8 @@ class HardwareSpec:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"hardware spec {path} does not exist",
-                             "write one with `hotcold calibrate --out hw.json` or use --preset pc-high|pc-low|h200")
+                             "write one with `hotcold calibrate --out hw.json` or use --preset "
+                             "pc-high|pc-low|h200|h200-decode")
         try:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -160,6 +176,26 @@ PRESETS: dict[str, HardwareSpec] = {
                "cpu.bandwidth": "measured: DRAM 97 GB/s with 16 threads (fp16 F.linear reaches 62-74 GB/s)",
                "link.pcie_bandwidth": "measured: pinned copies 55.2 GB/s",
                "link.sync_seconds": "measured: 32 KB round trip + sync 15.7 us (hotcold calibrate: 14.2 us)",
+               "link.host_overhead_seconds": "0: device rates only; h200-decode adds what the engine measured",
+               "reserve_bytes": "assumed: 1 GiB CUDA context and allocator slack, 4 GiB for the OS"}),
+    # What hotcold's engine achieved on the same machine at batch-1 decode (70B shape, issue 6, run 2 of
+    # bench/DEVICE_NOTES.md; bench/results/hw_h200_fitted_run2.json): the rates that predict its ms/token.
+    "h200-decode": HardwareSpec(
+        name="h200-decode",
+        gpu=GpuSpec(name="NVIDIA H200", memory_bytes=150_109_880_320, bandwidth=3.26e12, sparse_bandwidth=2.4e12,
+                    reserve_bytes=1 * GiB),
+        cpu=CpuSpec(name="16 cores of the H200 host", memory_bytes=125 * GiB, bandwidth=76e9, threads=16,
+                    reserve_bytes=4 * GiB),
+        link=LinkSpec(pcie_bandwidth=55.2e9, sync_seconds=_SYNC_H200, host_overhead_seconds=274e-6),
+        dtype="float16", source="preset: fitted to hotcold's batch-1 decode on the project's H200 machine (issue 6)",
+        notes={"gpu.memory_bytes": "measured: torch.cuda.mem_get_info total on the lent H200 (139.8 GiB)",
+               "gpu.bandwidth": "fitted: all-GPU decode achieved 3.26 TB/s end to end (cuBLAS GEMV alone 3.78)",
+               "gpu.sparse_bandwidth": "measured 2.4-3.5 TB/s reading 5-20% of rows; the lower end is used",
+               "cpu.bandwidth": "fitted: the sparse cold-row kernel, 16 cores, 76 GB/s (61-81 across machines)",
+               "link.pcie_bandwidth": "measured: pinned copies 55.2 GB/s",
+               "link.sync_seconds": "measured: 32 KB round trip + sync 15.7 us (as h200)",
+               "link.host_overhead_seconds": "fitted: 290 us per split layer not explained by the rates, less "
+                                             "the 15.7 us sync (run 3 of the same bench: 220 - 15.7 = 204 us)",
                "reserve_bytes": "assumed: 1 GiB CUDA context and allocator slack, 4 GiB for the OS"}),
 }
 
@@ -180,7 +216,7 @@ def resolve(preset_name: str | None = None, path: str | Path | None = None) -> H
         return HardwareSpec.load(path)
     if preset_name:
         return preset(preset_name)
-    raise InputError("no hardware given", "pass --preset pc-high|pc-low|h200 or --hardware hw.json")
+    raise InputError("no hardware given", "pass --preset pc-high|pc-low|h200|h200-decode or --hardware hw.json")
 
 
 # ---- calibration ------------------------------------------------------------------------------
@@ -299,7 +335,9 @@ def calibrate(dtype: str | None = None, seconds: float = 40.0, threads: int | No
                       "gpu.sparse_bandwidth": "measured: index_select + F.linear of 5/10/20% of rows, slowest",
                       "gpu.reserve_bytes": "measured: total - free after CUDA initialisation",
                       "link.pcie_bandwidth": "measured: pinned 256 MiB copies, slower direction",
-                      "link.sync_seconds": "measured: 32 KB host->device->host round trip + synchronize"})
+                      "link.sync_seconds": "measured: 32 KB host->device->host round trip + synchronize",
+                      "link.host_overhead_seconds": "not measured by calibrate (it needs the engine): 0; "
+                                                    "fit it from a `hotcold bench` run"})
     m["seconds"] = time.perf_counter() - start
     return HardwareSpec(name=f"calibrated:{platform.node() or 'this-machine'}", gpu=gpu, cpu=cpu, link=link,
                         dtype=dtype, source=f"measured by hotcold calibrate on {m['host']} at {m['date']}",

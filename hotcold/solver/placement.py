@@ -8,11 +8,14 @@ Directory layout (format version 1):
                            cold_mode (threshold | predictor | exact), dtype, ctx_len, cost_model {...},
                            memory {gpu {...}, cpu {...}, gpu_total, cpu_total}   (hotcold.memory account),
                            layers [{layer, n_hot, hot_fraction, tau, min_hot, gpu_bytes, cpu_bytes,
-                                    gpu_share, time_ms {pre, gpu, cpu, sync, total}, regime}],
+                                    gpu_share, time_ms {pre, gpu, cpu, sync, host, total}, regime}],
                            totals {...}, files [...]
     placement.safetensors  order [n_layers, n_ff] int32: each layer's neuron indices sorted by profiled
                                  frequency, descending, ties by index
                            n_hot [n_layers] int32: the hot set of layer l is order[l, :n_hot[l]]
+
+time_ms.host (host overhead per split layer, hotcold.solver.hardware) is absent from placements written
+before it existed; readers take it as 0.
 
 tau is the frequency of the layer's coldest hot neuron (null when none is hot): every neuron with f > tau
 is hot, every neuron with f < tau is cold; neurons whose f equals tau are split by index in `order`.

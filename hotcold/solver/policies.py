@@ -9,7 +9,7 @@ the first block is C_l rounded up to whole groups (the layer has no hot neuron o
 x_{l,j} = "block j of layer l is hot", with the prefix structure x_{l,j+1} ≤ x_{l,j}.
 
     impact    max Σ f of hot neurons             s.t. budgets
-    adaptive  min Σ_l (T_pre + z_l + T_sync·(1 − x_{l,last}))
+    adaptive  min Σ_l (T_pre + z_l + (T_sync + T_host)·(1 − x_{l,last}))
               s.t. z_l ≥ T_gpu,l(x), z_l ≥ T_cpu,l(x)      (z_l ≥ T_gpu + T_cpu on one memory bus), budgets
               ("epigraph" form, as design.md writes it). The default "incremental" form has the same binaries
               and gives x_{l,j} the change in T_l that block j makes, T_l(k+1) − T_l(k), max and sync included:
@@ -85,7 +85,7 @@ class BlockProblem:
     k_hi: int
     gpu: np.ndarray | None = None  # adaptive: [L, M+1] µs of hot FFN on the GPU
     cpu: np.ndarray | None = None  # adaptive: [L, M+1] µs of cold FFN on the CPU
-    sync: float = 0.0  # adaptive: µs per layer with a cold neuron
+    sync: float = 0.0  # adaptive: µs per layer with a cold neuron (T_sync + T_host)
     pre: float = 0.0  # adaptive: µs per layer before the split
     overlap: bool = True
     served: np.ndarray | None = None  # impact: [L, M+1] Σ f of hot neurons
@@ -94,7 +94,7 @@ class BlockProblem:
 def adaptive_problem(pc: ProfileCosts, blocks: Blocks, k_lo: int, k_hi: int) -> BlockProblem:
     gpu = pc.gpu_at(blocks.bounds) * US
     cpu = pc.cpu_at(blocks.bounds) * US
-    sync, pre = pc.cm.sync_s * US, pc.cm.pre_s * US
+    sync, pre = pc.cm.split_s * US, pc.cm.pre_s * US  # a layer with CPU work pays sync + host overhead
     ffn = np.maximum(gpu, cpu) if pc.cm.overlap else gpu + cpu
     value = pre + ffn + sync * (blocks.bounds < pc.n_ff)
     value = np.where(blocks.valid, value, np.inf)

@@ -127,14 +127,14 @@ def layer_table(p: Placement):
     from rich.table import Table
 
     t = Table(title=f"{label(p)}: per layer ({p.cold_mode} mode, {p.dtype})")
-    for col in ("layer", "hot", "hot %", "τ_l", "GPU share", "GPU ms", "CPU ms", "sync ms", "total ms", "why"):
+    for col in LAYER_HEAD:
         t.add_column(col, justify="left" if col == "why" else "right", overflow="fold")
     for x in p.layers:
         tm = x["time_ms"]
         t.add_row(str(x["layer"]), str(x["n_hot"]), f"{x['hot_fraction']:.1%}",
                   "—" if x["tau"] is None else f"{x['tau']:.3g}", f"{x['gpu_share']:.1%}",
-                  f"{tm['pre'] + tm['gpu']:.3f}", f"{tm['cpu']:.3f}", f"{tm['sync']:.3f}", f"{tm['total']:.3f}",
-                  why(p, x))
+                  f"{tm['pre'] + tm['gpu']:.3f}", f"{tm['cpu']:.3f}", f"{tm['sync']:.3f}", f"{tm.get('host', 0.0):.3f}",
+                  f"{tm['total']:.3f}", why(p, x))
     return t
 
 
@@ -245,7 +245,7 @@ def _plots(placements: list[Placement]) -> dict[str, bytes]:
     rows = [critical_path(p) for p in placements]
     left = [0.0] * len(placements)
     for part, name in (("pre", "attention etc."), ("gpu", "GPU FFN"), ("cpu", "CPU FFN"), ("sync", "sync"),
-                       ("head", "LM head")):
+                       ("host", "host overhead"), ("head", "LM head")):
         vals = [r[part] for r in rows]
         ax.barh(names, vals, left=left, label=name)
         left = [a + b for a, b in zip(left, vals)]
@@ -267,11 +267,12 @@ def _plots(placements: list[Placement]) -> dict[str, bytes]:
 def critical_path(p: Placement) -> dict[str, float]:
     """ms per token by what is on the critical path: pre, the slower FFN side of each layer, sync, head."""
     overlap = p.manifest["cost_model"].get("overlap", True)
-    r = {"pre": 0.0, "gpu": 0.0, "cpu": 0.0, "sync": 0.0, "head": p.totals["time_ms"]["head"]}
+    r = {"pre": 0.0, "gpu": 0.0, "cpu": 0.0, "sync": 0.0, "host": 0.0, "head": p.totals["time_ms"]["head"]}
     for x in p.layers:
         t = x["time_ms"]
         r["pre"] += t["pre"]
         r["sync"] += t["sync"]
+        r["host"] += t.get("host", 0.0)  # placements older than the host-overhead term have none
         if not overlap:
             r["gpu"] += t["gpu"]
             r["cpu"] += t["cpu"]
@@ -299,12 +300,13 @@ def _layer_rows(p: Placement) -> list[list[str]]:
         tm = x["time_ms"]
         rows.append([str(x["layer"]), str(x["n_hot"]), f"{x['hot_fraction']:.1%}",
                      "—" if x["tau"] is None else f"{x['tau']:.3g}", f"{x['gpu_share']:.1%}",
-                     f"{tm['pre'] + tm['gpu']:.3f}", f"{tm['cpu']:.3f}", f"{tm['sync']:.3f}", f"{tm['total']:.3f}",
-                     why(p, x)])
+                     f"{tm['pre'] + tm['gpu']:.3f}", f"{tm['cpu']:.3f}", f"{tm['sync']:.3f}",
+                     f"{tm.get('host', 0.0):.3f}", f"{tm['total']:.3f}", why(p, x)])
     return rows
 
 
-LAYER_HEAD = ["layer", "hot", "hot %", "τ_l", "GPU share", "GPU ms", "CPU ms", "sync ms", "total ms", "why"]
+LAYER_HEAD = ["layer", "hot", "hot %", "τ_l", "GPU share", "GPU ms", "CPU ms", "sync ms", "host ms", "total ms",
+              "why"]
 CMP_HEAD = ["policy", "status", "gap", "solve s", "GPU", "GPU budget", "CPU", "CPU budget", "hot", "GPU share",
             "ms/token"]
 
@@ -325,7 +327,9 @@ def _context(placements: list[Placement]) -> list[str]:
     return [f"model: {cfg.get('name')} ({cfg['n_layers']} layers × {cfg['n_ff']} FFN neurons), "
             f"fingerprint {p.fingerprint}",
             f"hardware: {hw['name']} — {hw.get('source', '')}; GPU {hw['gpu']['bandwidth'] / 1e9:.0f} GB/s, "
-            f"CPU {hw['cpu']['bandwidth'] / 1e9:.1f} GB/s, sync {hw['link']['sync_seconds'] * 1e6:.1f} µs",
+            f"CPU {hw['cpu']['bandwidth'] / 1e9:.1f} GB/s, sync {hw['link']['sync_seconds'] * 1e6:.1f} µs"
+            + (f", host overhead {hw['link']['host_overhead_seconds'] * 1e6:.0f} µs per split layer"
+               if hw["link"].get("host_overhead_seconds") else ""),
             f"cost model: {p.cold_mode} cold mode, {p.dtype}, context {p.manifest['ctx_len']}, attention etc. "
             f"{cm['pre_ms_per_layer']:.3f} ms/layer before the split, LM head {cm['head_ms']:.3f} ms",
             f"profile: {p.manifest['profile'].get('content_hash', '?')[:16]} ({_dataset(p.manifest['profile'])})"]
