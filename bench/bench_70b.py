@@ -75,6 +75,10 @@ def main() -> None:
                     help="measure the engine-like kernel call pattern under several threading settings, "
                          "then run the bench under the best one")
     ap.add_argument("--call-pattern", help="(internal) measure the call pattern, write JSON here")
+    ap.add_argument("--use-probe", help="take the threading from this earlier thread_probe.json instead of probing")
+    ap.add_argument("--gpu-kernels", default="auto", choices=("auto", "triton", "torch"))
+    ap.add_argument("--dyn-margin", type=float, default=2.0, help="dynamic mode's noise margin (standard errors)")
+    ap.add_argument("--no-check", action="store_true", help="skip the Triton-vs-torch logits check")
     ap.add_argument("--probe-prefetch", action="store_true",
                     help="time the kernel's call pattern with and without software prefetch; bench with the faster")
     a = ap.parse_args()
@@ -86,7 +90,7 @@ def main() -> None:
         save_json(call_pattern(tuple(sorted({n, max(1, n - 2), max(1, 3 * n // 4), max(1, n // 2)}, reverse=True)), log=log),
                   a.call_pattern)
         return
-    if a.probe_threads:
+    if a.probe_threads or a.use_probe:
         probe(a)
         return
     from hotcold.accel.bench import BenchOptions, prepare, run_bench, save_json
@@ -97,7 +101,8 @@ def main() -> None:
     profiles = [p for p in (a.profile, a.shift_profile) if p]
     opts = BenchOptions(shape=a.shape, n_layers=a.layers, gpu_budget_full=int(a.gpu_budget_gb * 1e9), cold_density=a.cold_density,
                         tokens=a.tokens, dyn_tokens=a.dyn_tokens, max_len=a.max_len, profiles=profiles,
-                        hardware=a.hardware, runs=tuple(a.runs.split(",")), cpu_threads=a.cpu_threads, log=log)
+                        hardware=a.hardware, runs=tuple(a.runs.split(",")), cpu_threads=a.cpu_threads, log=log,
+                        gpu_kernels=a.gpu_kernels, dyn_margin=a.dyn_margin, check=not a.no_check)
     if a.prepare:
         cfg = shape(opts.shape).replace(n_layers=opts.n_layers, max_seq_len=max(opts.max_len, 64))
         hw = resolve(preset_name=a.hardware) if not a.hardware.endswith(".json") else resolve(path=a.hardware)
@@ -137,7 +142,7 @@ def main() -> None:
         try:
             n = os.cpu_count() or 1
             calib["cold_kernel"] = cold_kernel_table(threads=(a.cpu_threads or max(1, n - 2),), log=log,
-                                                     backends=("numba",), dtypes=("float16", "bfloat16", "float32"))
+                                                     backends=("numba",), dtypes=("float16",))
         except Exception as ex:  # noqa: BLE001
             calib["cold_kernel_error"] = repr(ex)
         save_json(calib, out / "calib.json")
@@ -178,9 +183,16 @@ def probe(a) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = {"default": {}, "omp-active": {"NUMBA_THREADING_LAYER": "omp", "OMP_WAIT_POLICY": "ACTIVE"},
+                "omp-active-bound": {"NUMBA_THREADING_LAYER": "omp", "OMP_WAIT_POLICY": "ACTIVE",
+                                     "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},
                 "workqueue": {"NUMBA_THREADING_LAYER": "workqueue"}}
     rows = []
-    for name, extra in variants.items():
+    if a.use_probe:
+        rows = json.loads(Path(a.use_probe).read_text())
+        variants_run: dict = {}
+    else:
+        variants_run = variants
+    for name, extra in variants_run.items():
         path = out / f"probe_{name}.json"
         env = {**os.environ, **extra}
         r = subprocess.run([sys.executable, __file__, "--call-pattern", str(path)], env=env, text=True,
@@ -190,14 +202,16 @@ def probe(a) -> None:
             for row in json.loads(path.read_text()):
                 rows.append({**row, "variant": name})
             path.unlink()
-    (out / "thread_probe.json").write_text(json.dumps(rows, indent=1))
+    if not a.use_probe:
+        (out / "thread_probe.json").write_text(json.dumps(rows, indent=1))
     if not rows:
         best_env, threads = {}, None
     else:
         best = min(rows, key=lambda r: r["ms_median"])
         best_env, threads = variants[best["variant"]], best["threads"]
         log(f"best threading: {best['variant']} with {threads} threads ({best['ms_median']:.3f} ms per call)")
-    argv = [x for x in sys.argv[1:] if x != "--probe-threads"]
+    argv = [x for i, x in enumerate(sys.argv[1:]) if x not in ("--probe-threads", "--use-probe")
+            and (i == 0 or sys.argv[i] != "--use-probe")]
     if threads and "--cpu-threads" not in argv:
         argv += ["--cpu-threads", str(threads)]
     os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **best_env})

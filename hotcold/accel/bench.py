@@ -109,7 +109,7 @@ def predict_ms(cm, f_work: np.ndarray, hot_masks: np.ndarray) -> dict[str, Any]:
         hot = hot_masks[l]
         g = float(cm.gpu_neuron_s(f_work[l][hot]).sum())
         c = float(cm.cpu_neuron_s(f_work[l][~hot]).sum())
-        sync = cm.sync_s if (~hot).any() else 0.0
+        sync = getattr(cm, "split_s", cm.sync_s) if (~hot).any() else 0.0  # sync + host overhead
         tot = cm.pre_s + (max(g, c) if cm.overlap else g + c) + sync
         per.append({"gpu": g * 1e3, "cpu": c * 1e3, "total": tot * 1e3})
     layers = sum(p["total"] for p in per)
@@ -138,8 +138,21 @@ def _median_time(fn: Callable[[], Any], reps: int, dev, warm: int = 2) -> float:
 
 
 def run_engine(eng, tokens: int, warm: int, start_token: int = 1, gpu_probe: int = 4) -> dict[str, Any]:
-    """Decode `warm` + `tokens` steps (argmax fed back on the device); stats of the timed ones."""
-    eng.capture()
+    """Decode `warm` + `tokens` steps (argmax fed back on the device); stats of the timed ones.
+
+    If the Triton kernels fail to build or capture here, the engine falls back to its torch path (recorded)."""
+    fallback = None
+    try:
+        eng.capture()
+    except Exception as ex:  # noqa: BLE001 - recorded in the result, the run goes on with torch kernels
+        if eng.ops is None:
+            raise
+        fallback = f"triton kernels failed, torch path used: {ex!r}"[:400]
+        if eng.cuda:
+            torch.cuda.synchronize(eng.device)
+        eng.ops = None
+        eng._graphs = None
+        eng.capture()
     eng.reset()
     eng.step(start_token)
     for _ in range(warm - 1):
@@ -170,6 +183,13 @@ def run_engine(eng, tokens: int, warm: int, start_token: int = 1, gpu_probe: int
         res["gpu_busy_ms_per_token"] = g * 1e3
         res["gpu_GBps"] = eng.gpu_bytes_per_token() / g / 1e9 if g else None
     res["gpu_bytes_per_token"] = eng.gpu_bytes_per_token()
+    res["engine"] = {"gpu_kernels": eng.gpu_kernels, "graphs": eng._graphs is not None,
+                     "send_in_graph": eng.send_in_graph, "capture_error": eng.capture_error,
+                     "graph_launches_per_token": eng.n_segments if eng._graphs is not None else 0,
+                     "send_counter_spins": eng.tag_spins, "triton_fallback": fallback,
+                     "cpu_threads": eng.kernel.threads}
+    if eng.ops is not None and eng.ops.tuning_log:
+        res["engine"]["gemv_tuning"] = eng.ops.tuning_log
     return res
 
 
@@ -293,6 +313,9 @@ class BenchOptions:
     dyn_every: int = 16
     dyn_max_swaps: int = 512
     predictor_rank: int | None = None
+    gpu_kernels: str = "auto"  # auto (Triton on CUDA when importable), triton, torch
+    dyn_margin: float = 2.0  # dynamic mode's noise margin (standard errors)
+    check: bool = True  # on CUDA: Triton vs torch GPU path on the first 2 layers, logits compared
     predict_hw: list = field(default_factory=list)  # [(label, HardwareSpec)]: more predictions beside the main one
     log: Callable[[str], None] = print
     checkpoint: Callable[[dict], None] | None = None
@@ -366,8 +389,13 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
             gls.append(g)
             cls.append(c)
         return HybridEngine(cfg, glob["tok_embeddings"], glob["norm"], glob["output"], gls, cls, cold_mode=mode,
-                            max_len=o.max_len, selector=selector, thresholds=thresholds,
+                            max_len=o.max_len, selector=selector, thresholds=thresholds, gpu_kernels=o.gpu_kernels,
                             cpu_backend=o.cpu_backend, cpu_threads=o.cpu_threads, cpu_prefetch=o.cpu_prefetch)
+
+    if o.check and dev.type == "cuda" and o.gpu_kernels != "torch":
+        res["check_triton_vs_torch"] = check_gpu_paths(cfg, glob, layers, dev, tdtype, o.max_len)
+        log(f"check: {res['check_triton_vs_torch']}")
+        ckpt()
 
     def extrap(r: dict, head_ms: float) -> None:
         per_layer = (r["ms_per_token"] - head_ms) / cfg.n_layers
@@ -470,7 +498,8 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         if dynamic:
             from hotcold.accel.dynamic import DynamicPlacement
 
-            dyn = DynamicPlacement(eng, cm, f_match, every=o.dyn_every, max_swaps=o.dyn_max_swaps)
+            dyn = DynamicPlacement(eng, cm, f_match, every=o.dyn_every, max_swaps=o.dyn_max_swaps,
+                                   margin=o.dyn_margin)
         eng.kernel.warm_up(tdtype)
         n = tokens or o.tokens
         r = run_engine(eng, n, o.warm)
@@ -573,6 +602,39 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     return res
 
 
+def check_gpu_paths(cfg: ModelConfig, glob: dict, layers: list, dev, dtype: torch.dtype, max_len: int,
+                    n_layers: int = 2, tokens: int = 4) -> dict[str, Any]:
+    """The Triton GPU path against the torch one on the first `n_layers` layers (all hot, exact mode):
+    the relative difference of the logits over a few decoded tokens (same tokens fed to both)."""
+    from hotcold.accel.build import split_layer
+    from hotcold.accel.engine import HybridEngine
+
+    c2 = cfg.replace(n_layers=n_layers)
+    out = {}
+    logits = {}
+    for kern in ("triton", "torch"):
+        gls, cls = [], []
+        for l in range(n_layers):
+            g, c = split_layer(dict(layers[l]), np.arange(cfg.n_ff), cfg.n_ff, dev, dtype)
+            gls.append(g)
+            cls.append(c)
+        eng = HybridEngine(c2, glob["tok_embeddings"], glob["norm"], glob["output"], gls, cls, cold_mode="exact",
+                           max_len=max_len, gpu_kernels=kern, graphs=False)
+        rows = []
+        with torch.inference_mode():
+            for t in range(tokens):
+                eng.step(3 + 7 * t)
+                rows.append(eng.logits.clone())
+        logits[kern] = torch.stack(rows)
+        out[f"{kern}_path"] = eng.gpu_kernels
+        del eng, gls, cls
+        free_cuda()
+    a, b = logits["triton"], logits["torch"]
+    out["rel_diff_logits"] = float((a - b).norm() / b.norm())
+    out["argmax_agree"] = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    return out
+
+
 def prepare(o: BenchOptions, cfg: ModelConfig, dt_name: str, hw, rank: int, res: dict[str, Any]) -> dict[str, Any]:
     """Workload frequencies (mapped, rescaled to the cold density), the scaled budget and the placements."""
     from hotcold.accel import workload as wl
@@ -643,8 +705,9 @@ def fit_hardware(res: dict[str, Any], hw, cfg: ModelConfig, dt_name: str, o: Ben
 
     gpu.bandwidth  = the all-GPU run's achieved weight+KV bytes per second
     cpu.bandwidth  = hotcold-fixed's cold-kernel bytes per second
-    sync_seconds   = hotcold-fixed's time not explained by the model with the two above and no sync,
-                     per split layer (exchange, launches, host work around the kernel)
+    per split layer = hotcold-fixed's time not explained by the model with the two above and no sync
+                     (exchange, launches, host work around the kernel): link.host_overhead_seconds beyond
+                     the measured sync where the HardwareSpec has that field, else link.sync_seconds
     Fitted on hotcold-fixed (and dense-gpu); every other run is an out-of-sample check.
     """
     import dataclasses
@@ -661,12 +724,20 @@ def fit_hardware(res: dict[str, Any], hw, cfg: ModelConfig, dt_name: str, o: Ben
     hm, fw, _ = masks["hotcold-fixed"]
     p0 = predict_ms(CostModel(cfg, base, dt_name, cold_mode="predictor", ctx_len=o.max_len, predictor_rank=rank), fw, hm)
     n_split = int((~hm).any(axis=1).sum())
-    sync = max(0.0, (f["ms_per_token"] - p0["ms_per_token"]) * 1e-3 / max(n_split, 1))
-    fitted = dataclasses.replace(base, name=f"{hw.name}-fitted", link=dataclasses.replace(base.link, sync_seconds=sync),
+    extra = max(0.0, (f["ms_per_token"] - p0["ms_per_token"]) * 1e-3 / max(n_split, 1))
+    if hasattr(base.link, "host_overhead_seconds"):
+        # the measured round trip stays the sync (it sets C_l); the rest is host overhead per split layer
+        sync = min(extra, hw.link.sync_seconds)
+        link = dataclasses.replace(base.link, sync_seconds=sync, host_overhead_seconds=extra - sync)
+        note = {"link.sync_seconds": "the preset's (measured round trip), capped by what was not explained",
+                "link.host_overhead_seconds": "fitted: hotcold-fixed time not explained, per split layer, less the sync"}
+    else:
+        link = dataclasses.replace(base.link, sync_seconds=extra)
+        note = {"link.sync_seconds": "fitted: hotcold-fixed time not explained, per split layer"}
+    fitted = dataclasses.replace(base, name=f"{hw.name}-fitted", link=link,
                                  source="fitted by hotcold bench (hotcold.accel.bench.fit_hardware)",
                                  notes={**hw.notes, "gpu.bandwidth": "fitted: dense-gpu run, achieved",
-                                        "cpu.bandwidth": "fitted: hotcold-fixed run, cold kernel achieved",
-                                        "link.sync_seconds": "fitted: hotcold-fixed time not explained, per split layer"})
+                                        "cpu.bandwidth": "fitted: hotcold-fixed run, cold kernel achieved", **note})
     res["hardware_fitted"] = fitted.to_json()
     for name, (m, fwork, mode) in masks.items():
         kw = {"predictor_rank": rank} if mode == "predictor" else {}

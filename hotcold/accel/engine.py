@@ -276,7 +276,8 @@ class HybridEngine:
     # ---- GPU side ----------------------------------------------------------------------------
     def _embed(self) -> None:
         self.h.copy_(self.embed.index_select(0, self.tok)[0].float())
-        self.mask_add.copy_(torch.where(self.ar <= self.pos, 0.0, float("-inf")))
+        if self.ops is None:  # the fused attention masks by position itself
+            self.mask_add.copy_(torch.where(self.ar <= self.pos, 0.0, float("-inf")))
 
     def _pre_fn(self, l: int) -> Callable[[], None]:
         def pre() -> None:
