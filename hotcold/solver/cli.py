@@ -28,6 +28,7 @@ ColdModeOpt = Annotated[str, typer.Option("--cold-mode", help="How the runtime f
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx-len", help="Context length the KV cache is sized for and latency modelled at. Default: the model's maximum.")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Weight dtype: float16, bfloat16, float32, q8_0, q4_0. Default: the hardware spec's.")]
 TimeOpt = Annotated[float, typer.Option("--time-limit", help="Seconds the MILP may take; on the limit the best placement and its gap are reported.")]
+GapOpt = Annotated[float, typer.Option("--mip-gap", help="Relative optimality gap at which the MILP stops (1e-3 = 0.1%); the placement reports the gap it proved.")]
 MinHotOpt = Annotated[Optional[bool], typer.Option("--min-hot/--no-min-hot", help="Enforce C_l (a layer has no hot neuron or at least C_l). Default: on for impact and adaptive, off for fixed.")]
 SolverOpt = Annotated[str, typer.Option("--solver", help="MILP backend: auto (HiGHS if installed, else CBC), cbc, highs.")]
 PhaseOpt = Annotated[str, typer.Option("--phase", help="Which profiled tokens give the frequencies: decode, prefill or all.")]
@@ -68,6 +69,7 @@ def solve_cmd(
     ctx_len: CtxOpt = None,
     dtype: DtypeOpt = None,
     time_limit: TimeOpt = 10.0,
+    mip_gap: GapOpt = 1e-4,
     min_hot: MinHotOpt = None,
     solver: SolverOpt = "auto",
     phase: PhaseOpt = "decode",
@@ -91,7 +93,7 @@ def solve_cmd(
         err.print(f"solving [bold]{pol}[/] for {prof.model_config.name} on {hw.name} …")
         pl = solve(prof, hw, policy=pol, gpu_budget=gpu_budget, cpu_budget=cpu_budget,
                    tau=tau if pol == "fixed" or not compare else None, group_size=group_size, cold_mode=cold_mode, ctx_len=ctx_len,
-                   time_limit=time_limit, dtype=dtype, min_hot=min_hot, solver=solver, phase=phase,
+                   time_limit=time_limit, dtype=dtype, min_hot=min_hot, mip_gap=mip_gap, solver=solver, phase=phase,
                    gpu_sparse=gpu_sparse, log=log)
         if out_dir is not None:
             pl = pl.save(out_dir / pol if compare else out_dir)

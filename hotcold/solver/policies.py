@@ -288,14 +288,19 @@ def solve_blocks(p: BlockProblem, time_limit: float = 10.0, mip_gap: float = 1e-
             ub_k = g
     ub = float(p.value[rows, ub_k].sum()) if ub_k is not None else np.inf
     scale = max(1.0, abs(ub) if np.isfinite(ub) else abs(lb))
-    if reduce and ub_k is not None:
+    # the greedy placement is already within mip_gap of the Lagrangian bound: nothing left for a MILP
+    proven = ub_k is not None and ub - lb <= mip_gap * max(abs(ub), 1e-12)
+    if proven:
+        a, b = ub_k.copy(), ub_k.copy()
+    elif reduce and ub_k is not None:
         a, b = windows(p, nu, (ub - lb) + 1e-9 * scale)
         a, b = np.minimum(a, ub_k), np.maximum(b, ub_k)  # the incumbent is inside (theory; guards rounding)
     else:
         a, b = np.zeros(L, dtype=np.int64), p.blocks.m.copy()
     n_full = int(p.blocks.m.sum())
     n_vars = int((b - a).sum())
-    log(f"{p.kind}: Lagrangian bound {lb:.6g}, greedy {ub:.6g}; {n_vars} of {n_full} blocks left free")
+    log(f"{p.kind}: Lagrangian bound {lb:.6g}, greedy {ub:.6g}; {n_vars} of {n_full} blocks left free"
+        + (" (greedy within the MIP gap: no MILP)" if proven else ""))
 
     if p.kind == "adaptive" and formulation == "epigraph":
         prob, extract, warm, n_int, n_cons = _model_epigraph(p, a, b)
@@ -328,7 +333,9 @@ def solve_blocks(p: BlockProblem, time_limit: float = 10.0, mip_gap: float = 1e-
         if ub_k is not None and ub < obj:  # keep the better of solver and incumbent
             k, obj = ub_k, ub
         solver_status = "optimal" if sol == pulp.LpSolutionOptimal else "feasible"
-        if not n_vars:  # the windows left one placement: the Lagrangian bound proves it optimal
+        if proven:  # optimal within mip_gap, as a MILP solver reports it
+            bound = min(lb, obj)
+        elif not n_vars:  # the windows left one placement: the Lagrangian bound proves it optimal
             bound = obj
         else:
             bound = max(lb, obj - mip_gap * abs(obj)) if solver_status == "optimal" else lb
@@ -349,7 +356,7 @@ def solve_blocks(p: BlockProblem, time_limit: float = 10.0, mip_gap: float = 1e-
         stats={"blocks": n_full, "free_blocks": n_vars, "int_vars": n_int, "constraints": n_cons,
                "build_seconds": t_build,
                "lagrangian_bound": sign * lb, "greedy_objective": sign * ub if np.isfinite(ub) else None,
-               "multiplier": nu, "pulp_status": status,
+               "multiplier": nu, "pulp_status": status, "proven_by_lagrangian": bool(proven),
                "formulation": formulation if p.kind == "adaptive" else "linear"})
 
 

@@ -79,6 +79,8 @@ def solve_frequencies(f: np.ndarray, cfg: ModelConfig, hw: HardwareSpec, policy:
         raise InputError(f"tau {tau} is not a frequency in [0, 1]", "pass e.g. --tau 0.05")
     if not time_limit > 0:
         raise InputError(f"time limit {time_limit} must be positive", "pass --time-limit 60")
+    if not 0 <= mip_gap < 1:
+        raise InputError(f"MIP gap {mip_gap} is not a fraction in [0, 1)", "pass e.g. --mip-gap 1e-3 (0.1%)")
     f = np.asarray(f, dtype=np.float64)
     if f.shape != (cfg.n_layers, cfg.n_ff):
         raise InputError(f"frequencies have shape {f.shape}, the model {cfg.n_layers}x{cfg.n_ff}",
