@@ -56,6 +56,8 @@ def generate(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int, te
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     logits = model.forward(torch.tensor([ids]), 0, cache, last_only=True, **kw)[0, -1]
+    if logits.is_cuda:  # kernels run asynchronously: the prefill ends when its logits exist
+        torch.cuda.synchronize(logits.device)
     t1 = time.perf_counter()
     new: list[int] = []
     kept: list[torch.Tensor] = []
