@@ -30,7 +30,7 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Weight dtype: 
 TimeOpt = Annotated[float, typer.Option("--time-limit", help="Seconds the MILP may take; on the limit the best placement and its gap are reported.")]
 GapOpt = Annotated[float, typer.Option("--mip-gap", help="Relative optimality gap at which the MILP stops (1e-3 = 0.1%); the placement reports the gap it proved.")]
 MinHotOpt = Annotated[Optional[bool], typer.Option("--min-hot/--no-min-hot", help="Enforce C_l (a layer has no hot neuron or at least C_l). Default: on for impact and adaptive, off for fixed.")]
-SolverOpt = Annotated[str, typer.Option("--solver", help="MILP backend: auto (HiGHS if installed, else CBC), cbc, highs.")]
+SolverOpt = Annotated[str, typer.Option("--solver", help="Backend: auto (an exact dynamic programme for large reduced problems, else HiGHS if installed, else CBC), cbc, highs, dp.")]
 PhaseOpt = Annotated[str, typer.Option("--phase", help="Which profiled tokens give the frequencies: decode, prefill or all.")]
 CompareOpt = Annotated[bool, typer.Option("--compare", help="Solve fixed, impact and adaptive for the same budgets; --out gets one directory per policy.")]
 SparseOpt = Annotated[bool, typer.Option("--gpu-sparse", help="Model a GPU side that skips inactive hot rows (needs --cold-mode predictor and a measured sparse bandwidth).")]

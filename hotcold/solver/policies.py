@@ -212,6 +212,66 @@ def windows(p: BlockProblem, nu: float, slack: float) -> tuple[np.ndarray, np.nd
     return a.astype(np.int64), b.astype(np.int64)
 
 
+# ---- exact dynamic programme over the windows ------------------------------------------------------
+DP_MIN_FREE = 4096  # auto: below this many free blocks CBC closes the MILP quickly (bench/bench_solver.py)
+DP_MAX_WORK = 1e9  # auto: the most state updates the programme may take (about 2 s of numpy on one core)
+
+
+def _dp_plan(p: BlockProblem, a: np.ndarray, b: np.ndarray) -> tuple[int, int, int, int]:
+    """(unit, base, states, work): the total hot count is base + s·unit for s in [0, states)."""
+    N = p.blocks.bounds
+    L = len(a)
+    sizes = [N[l, int(a[l]) + 1: int(b[l]) + 1] - N[l, int(a[l]): int(b[l])] for l in range(L)]
+    unit = int(np.gcd.reduce(np.concatenate(sizes))) if any(len(x) for x in sizes) else 1
+    base = int(N[np.arange(L), a].sum())
+    reach = int(((N[np.arange(L), b] - N[np.arange(L), a]) // unit).sum())
+    states = max(0, min(reach, (p.k_hi - base) // unit)) + 1
+    work = int((b - a + 1).sum()) * states
+    return unit, base, states, work
+
+
+def solve_dp(p: BlockProblem, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """Exactly min Σ_l value[l, k_l] over k_l ∈ [a_l, b_l] with k_lo ≤ Σ_l bounds[l, k_l] ≤ k_hi.
+
+    The budgets couple the layers through one sum, so a dynamic programme over that sum (in units of
+    the block sizes' gcd) is exact: after layer l, best[s] is the least cost of layers 0..l with
+    base + s·unit hot neurons. Cost Σ_l (window_l) × states. None: no choice meets the budgets.
+    """
+    N = p.blocks.bounds
+    unit, base, S, _ = _dp_plan(p, a, b)
+    if base > p.k_hi:
+        return None
+    best = np.full(S, np.inf)
+    best[0] = 0.0
+    picks = []
+    for l in range(len(a)):
+        al, bl = int(a[l]), int(b[l])
+        offs = (N[l, al: bl + 1] - N[l, al]) // unit
+        nxt = np.full(S, np.inf)
+        pick = np.zeros(S, dtype=np.int32)
+        for j in range(bl - al + 1):
+            d = int(offs[j])
+            if d >= S:
+                break
+            cand = best[: S - d] + p.value[l, al + j]
+            better = cand < nxt[d:]
+            np.copyto(nxt[d:], cand, where=better)
+            pick[d:][better] = j
+        best = nxt
+        picks.append((pick, offs))
+    lo = max(0, -((base - p.k_lo) // unit))  # the fewest units that reach k_lo
+    if lo >= S or not np.isfinite(best[lo:]).any():
+        return None
+    s = lo + int(np.argmin(best[lo:]))
+    k = np.empty(len(a), dtype=np.int64)
+    for l in range(len(a) - 1, -1, -1):
+        pick, offs = picks[l]
+        j = int(pick[s])
+        k[l] = int(a[l]) + j
+        s -= int(offs[j])
+    return k
+
+
 # ---- the MILP in PuLP -----------------------------------------------------------------------------
 def _solver(name: str, time_limit: float, mip_gap: float):
     import pulp
@@ -264,6 +324,12 @@ def solve_blocks(p: BlockProblem, time_limit: float = 10.0, mip_gap: float = 1e-
                  log: Callable[[str], None] = lambda s: None) -> BlockSolution:
     """Solve a BlockProblem exactly (within mip_gap) with PuLP, after Lagrangian reduction.
 
+    solver: "cbc" or "highs" — the MILP; "dp" — the exact dynamic programme (`solve_dp`); "auto" — the
+    programme when at least DP_MIN_FREE blocks are left free and it fits DP_MAX_WORK state updates (there
+    CBC can run to its time limit without closing the last 0.04%), else HiGHS if installed, else CBC.
+    reduce=False skips the Lagrangian shortcuts (windows, the early exit, auto's programme): the MILP over
+    every block.
+
     formulation (adaptive only): "epigraph" is the MILP as design.md writes it — z_l ≥ T_gpu,l(x),
     z_l ≥ T_cpu,l(x), sync (1 − x_{l,last}); "incremental" (default) gives each block binary the change
     in T_l it makes. Both are exact on prefix-ordered binaries and give the same optimum (tested); the
@@ -273,6 +339,8 @@ def solve_blocks(p: BlockProblem, time_limit: float = 10.0, mip_gap: float = 1e-
 
     if formulation not in ("incremental", "epigraph"):
         raise InputError(f"unknown MILP formulation {formulation!r}", "use incremental or epigraph")
+    if solver not in ("auto", "cbc", "highs", "dp"):
+        raise InputError(f"unknown MILP solver {solver!r}", "use auto, cbc, highs or dp")
 
     t0 = time.perf_counter()
     L = p.value.shape[0]
@@ -289,7 +357,8 @@ def solve_blocks(p: BlockProblem, time_limit: float = 10.0, mip_gap: float = 1e-
     ub = float(p.value[rows, ub_k].sum()) if ub_k is not None else np.inf
     scale = max(1.0, abs(ub) if np.isfinite(ub) else abs(lb))
     # the greedy placement is already within mip_gap of the Lagrangian bound: nothing left for a MILP
-    proven = ub_k is not None and ub - lb <= mip_gap * max(abs(ub), 1e-12)
+    # (reduce=False: the MILP over every block, no shortcut — the reference the reduction is tested against)
+    proven = reduce and ub_k is not None and ub - lb <= mip_gap * max(abs(ub), 1e-12)
     if proven:
         a, b = ub_k.copy(), ub_k.copy()
     elif reduce and ub_k is not None:
@@ -301,6 +370,32 @@ def solve_blocks(p: BlockProblem, time_limit: float = 10.0, mip_gap: float = 1e-
     n_vars = int((b - a).sum())
     log(f"{p.kind}: Lagrangian bound {lb:.6g}, greedy {ub:.6g}; {n_vars} of {n_full} blocks left free"
         + (" (greedy within the MIP gap: no MILP)" if proven else ""))
+    sign = 1.0 if p.kind == "adaptive" else -1.0
+    dp_work = _dp_plan(p, a, b)[3] if n_vars else 0
+    auto_dp = solver == "auto" and reduce and n_vars >= DP_MIN_FREE and dp_work <= DP_MAX_WORK
+    if n_vars and (solver == "dp" or auto_dp):
+        k = solve_dp(p, a, b)
+        if k is None and ub_k is None:
+            raise InfeasibleError(
+                f"no {p.kind} placement meets both budgets at this group size: between {p.k_lo} and {p.k_hi} "
+                "hot neurons are needed, in whole groups per layer (and C_l where enforced)",
+                "raise --gpu-budget or --cpu-budget, or pass --group-size 1 (or --no-min-hot)")
+        if k is None:
+            raise RuntimeError("the dynamic programme lost the greedy placement")
+        obj = float(p.value[rows, k].sum())
+        if not p.k_lo <= N[rows, k].sum() <= p.k_hi or (ub_k is not None and obj > ub + 1e-9 * scale):
+            raise RuntimeError("the dynamic programme returned a placement outside the budgets or worse than greedy")
+        seconds = time.perf_counter() - t0
+        log(f"{p.kind}: dynamic programme over {n_vars} free blocks, {dp_work:.3g} state updates, {seconds:.2f} s")
+        return BlockSolution(
+            k=k, n_hot=N[rows, k], objective=obj, bound=obj, status="optimal", backend="dp", seconds=seconds,
+            stats={"blocks": n_full, "free_blocks": n_vars, "int_vars": 0, "constraints": 0,
+                   "build_seconds": seconds, "lagrangian_bound": sign * lb,
+                   "greedy_objective": sign * ub if np.isfinite(ub) else None, "multiplier": nu,
+                   "pulp_status": None, "proven_by_lagrangian": False, "dp_state_updates": dp_work,
+                   "formulation": "dynamic programme"})
+    if solver == "dp":
+        solver = "auto"  # nothing left free (the Lagrangian proved it): no programme to run
 
     if p.kind == "adaptive" and formulation == "epigraph":
         prob, extract, warm, n_int, n_cons = _model_epigraph(p, a, b)
@@ -350,7 +445,6 @@ def solve_blocks(p: BlockProblem, time_limit: float = 10.0, mip_gap: float = 1e-
     else:
         raise InfeasibleError(f"the {backend} solver found no {p.kind} placement within {time_limit:g} s "
                               f"(status {status})", "raise --time-limit, or pass a larger --group-size")
-    sign = 1.0 if p.kind == "adaptive" else -1.0
     return BlockSolution(
         k=k, n_hot=N[rows, k], objective=obj, bound=bound, status=solver_status, backend=backend, seconds=seconds,
         stats={"blocks": n_full, "free_blocks": n_vars, "int_vars": n_int, "constraints": n_cons,
