@@ -49,3 +49,15 @@ def tiny_source():
     from hotcold.model.registry import load_source
 
     return load_source("random:tiny")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny matmuls gain
+    nothing from threads, and on a shared 2-core machine spinning OpenMP threads make decoding ~30x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -25,15 +25,7 @@ from hotcold.workloads import load_dataset
 
 TINY = "random:tiny:max_seq_len=1024"
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and OpenMP threads spin badly on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def same_counts(a: Profile, b: Profile) -> None:

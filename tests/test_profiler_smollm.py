@@ -11,16 +11,7 @@ from hotcold.profiler.activation import ActivationSpec
 from hotcold.profiler.engine import ProfileOptions, run_profile
 from hotcold.workloads import load_dataset
 
-pytestmark = pytest.mark.smollm
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on a shared 2-core machine, spinning OpenMP threads make 2-thread decoding ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.smollm, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 
 @pytest.fixture(scope="module")
