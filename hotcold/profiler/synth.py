@@ -111,7 +111,24 @@ def synth_profile(cfg: ModelConfig, skew: float | Sequence[float] | str = DEFAUL
     f = np.take_along_axis(f, perm, axis=1)
     prefill = rng.binomial(prefill_tokens, f).astype(np.int64)
     decode = rng.binomial(decode_tokens, f).astype(np.int64)
+    return profile_from_counts(
+        cfg, prefill, decode, d, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens, source=source,
+        synthetic={"method": "power law over rank, f_r = min(1, c r^-skew), mean = density; "
+                             "random permutation; binomial counts; log-normal |a| histograms",
+                   "skew": [float(v) for v in s], "density": [float(v) for v in d], "seed": seed})
 
+
+def profile_from_counts(cfg: ModelConfig, prefill: np.ndarray, decode: np.ndarray, density: np.ndarray, *,
+                        prefill_tokens: int, decode_tokens: int, synthetic: dict,
+                        source: WeightSource | None = None) -> Profile:
+    """A synthetic Profile around drawn counts [L, n_ff]: the |a| histograms of step 4 for per-layer
+    densities d_l, and the manifest (`synthetic` describes how the counts were made). Shared by
+    `synth_profile` and hotcold.solver.synth, whose frequencies follow another distribution."""
+    L, Fn = cfg.n_layers, cfg.n_ff
+    d = np.asarray(density, dtype=np.float64)
+    if prefill.shape != (L, Fn) or decode.shape != (L, Fn) or d.shape != (L,):
+        raise InputError(f"synthetic counts must have shape {L}x{Fn} with {L} densities",
+                         "build them for this model's shape")
     edges = np.log10(hist_edges(**HISTOGRAM))
     nd = NormalDist()
     hist_p = np.zeros((L, HISTOGRAM["bins"] + 2), np.int64)
@@ -141,10 +158,7 @@ def synth_profile(cfg: ModelConfig, skew: float | Sequence[float] | str = DEFAUL
         "token_count": {"prefill": int(prefill_tokens), "decode": int(decode_tokens)},
         "histogram": dict(HISTOGRAM),
         "samples": None,
-        "synthetic": {"method": "power law over rank, f_r = min(1, c r^-skew), mean = density; "
-                                "random permutation; binomial counts; log-normal |a| histograms",
-                      "skew": [float(v) for v in s], "density": [float(v) for v in d], "seed": seed,
-                      "magnitude_threshold": MAG_THRESHOLD, "sigma_decades": SIGMA},
+        "synthetic": {**synthetic, "magnitude_threshold": MAG_THRESHOLD, "sigma_decades": SIGMA},
     }
     return Profile(manifest=manifest, active_count_prefill=prefill, active_count_decode=decode,
                    hist_prefill=hist_p, hist_decode=hist_d)

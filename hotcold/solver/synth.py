@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from hotcold.artifacts import sha256_json
 from hotcold.model.config import ModelConfig
 
 
@@ -35,22 +34,16 @@ def synthetic_counts(n_layers: int, n_ff: int, tokens: int, seed: int = 0) -> np
 
 
 def synthetic_profile(cfg: ModelConfig, seed: int = 0, tokens: int = 65536):
-    """A Profile of `cfg`'s shape whose decode counts are synthetic (see the module docstring)."""
-    from hotcold.profiler.artifact import HIST_BINS, HIST_HI, HIST_LO, Profile
+    """A Profile of `cfg`'s shape whose decode counts are synthetic (see the module docstring).
+
+    The counts are this module's; histograms, manifest and fingerprint (that of the random-weight model of
+    this shape) come from the profiler's synthetic profiles (hotcold.profiler.synth), as `hotcold profile
+    synth` writes them. Prefill is not modelled (0 tokens)."""
+    from hotcold.profiler.synth import profile_from_counts
 
     counts = synthetic_counts(cfg.n_layers, cfg.n_ff, tokens, seed)
-    zeros = np.zeros_like(counts)
-    hist = np.zeros((cfg.n_layers, HIST_BINS + 2), dtype=np.int64)
-    manifest = {
-        "kind": "profile", "format_version": 1,
-        "model": {"fingerprint": "synthetic-" + sha256_json(cfg.shape_key())[:16], "config": cfg.to_json(),
-                  "source": f"synthetic shape {cfg.name} (random, no weights)"},
-        "dataset": {"name": "synthetic", "seed": seed, "n_prompts": 0,
-                    "distribution": "per-layer log-normal frequencies (hotcold.solver.synth)"},
-        "mode": "synthetic",
-        "activation": {"kind": "synthetic", "thresholds": None, "target_sparsity": None},
-        "token_count": {"prefill": 0, "decode": int(tokens)},
-        "histogram": {"lo": HIST_LO, "hi": HIST_HI, "bins": HIST_BINS},
-    }
-    return Profile(manifest=manifest, active_count_prefill=zeros, active_count_decode=counts,
-                   hist_prefill=hist, hist_decode=hist.copy())
+    return profile_from_counts(
+        cfg, np.zeros_like(counts), counts, counts.mean(axis=1) / max(tokens, 1), prefill_tokens=0,
+        decode_tokens=tokens,
+        synthetic={"method": "per-layer log-normal frequencies drifting with depth (hotcold.solver.synth); "
+                             "binomial decode counts; log-normal |a| histograms", "seed": seed})
