@@ -299,7 +299,7 @@ class ColdKernel:
         for mode in MODES:
             self(x, g, ud, mode, mask=torch.ones(2, dtype=torch.uint8), thr=0.0, active=act)
         if self.backend == "numba":
-            _, gather, scatter, _ = _numba_kernels(_KIND[dtype], self.prefetch)
+            _, gather, scatter, _ = _numba_kernels(_KIND[dtype], False)  # gather_rows/scatter_rows' key
             a = _u16(ud)
             gather(a, np.zeros(1, np.int64), a[:1].copy())
             scatter(a.copy(), np.zeros(1, np.int64), a[:1].copy())
@@ -367,7 +367,8 @@ class ColdKernel:
 def gather_rows(src: torch.Tensor, idx: np.ndarray, dst: torch.Tensor, backend: str) -> None:
     """dst[i] = src[idx[i]] for CPU tensors (parallel with numba)."""
     if backend == "numba" and src.dtype in _KIND:
-        _numba_kernels(_KIND[src.dtype])[1](_u16(src), np.ascontiguousarray(idx, dtype=np.int64), _u16(dst))
+        # the same cache key as the engine's kernel (prefetch=False): another key compiles all kernels again
+        _numba_kernels(_KIND[src.dtype], False)[1](_u16(src), np.ascontiguousarray(idx, dtype=np.int64), _u16(dst))
     else:
         torch.index_select(src, 0, torch.from_numpy(np.asarray(idx, dtype=np.int64)), out=dst)
 
@@ -375,6 +376,6 @@ def gather_rows(src: torch.Tensor, idx: np.ndarray, dst: torch.Tensor, backend: 
 def scatter_rows(dst: torch.Tensor, idx: np.ndarray, src: torch.Tensor, backend: str) -> None:
     """dst[idx[i]] = src[i] for CPU tensors."""
     if backend == "numba" and dst.dtype in _KIND:
-        _numba_kernels(_KIND[dst.dtype])[2](_u16(dst), np.ascontiguousarray(idx, dtype=np.int64), _u16(src))
+        _numba_kernels(_KIND[dst.dtype], False)[2](_u16(dst), np.ascontiguousarray(idx, dtype=np.int64), _u16(src))
     else:
         dst[torch.from_numpy(np.asarray(idx, dtype=np.int64))] = src
