@@ -185,3 +185,35 @@ def test_bf16_bundle_runs_close_to_dense_bf16(src, profile, tmp_path):
     a, b = m.forward(x), d.forward(x)
     assert m.dtype == torch.bfloat16 and (a - b).abs().max().item() < 0.1 * b.abs().max().item()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.8
+
+
+def test_compiled_kernel_equals_torch_kernel(bundles):
+    """The compiled `c` kernel (built with the machine's C compiler) against the torch ops it replaces:
+    the same active count and the same sum, at the tiny model's and at SmolLM2's shape, for 1 and 2
+    threads; and decoding with either kernel gives the same logits."""
+    from hotcold.runtime import ckernel
+    from hotcold.runtime.kernels import CKernel, TorchKernel
+
+    if ckernel.load() is None:
+        pytest.skip("no C compiler with OpenMP on this machine (the runtime falls back to the torch kernel)")
+    ck, tk = CKernel(), TorchKernel()
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    try:
+        for c, D in ((256, 64), (1536, 576)):
+            a, rows = torch.randn(c, generator=g), torch.randn(c, D, generator=g)
+            t = float(a.abs().median())
+            for p in (1, 2):
+                torch.set_num_threads(p)
+                (y1, m1), (y2, m2) = ck.threshold_down(a, t, rows), tk.threshold_down(a, t, rows)
+                assert m1 == m2 == int((a.abs() > t).sum())
+                torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    logits = {}
+    for name in ("c", "torch"):
+        m = load(bundles["all_cpu", "product"], mode="threshold", kernel=name)
+        assert m.report()["kernel"] == name
+        cache = m.new_cache(1, len(IDS))
+        logits[name] = torch.stack([m.forward(torch.tensor([[t]]), i, cache)[0, 0] for i, t in enumerate(IDS)])
+    torch.testing.assert_close(logits["c"], logits["torch"], atol=1e-5, rtol=1e-5)

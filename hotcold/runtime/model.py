@@ -151,15 +151,20 @@ class CpuWorker:
                 coef = (ga * mask).index_select(1, idx)
             self._count(layer, int(mask.sum()) if x.shape[0] > 1 else int(idx.numel()), int(idx.numel()))
             return self.kernel.up_down(x, coef, idx, cl.up_down)
+        if self.rule == "product" and x.shape[0] == 1:
+            # decoding, the hot path: one gemv for gate and up, activation and product in place, then
+            # the kernel keeps |a| > t and sums those neurons' down rows in place
+            if cl.gate_up is not None:
+                g, u = F.linear(x, cl.gate_up)[0].chunk(2)
+            else:
+                g, u = F.linear(x, cl.gate)[0], F.linear(x, cl.up_down[:, :D])[0]
+            y, m = self.kernel.threshold_down(self.act(g, inplace=True).mul_(u), cl.threshold, self._down_rows(cl, D))
+            if self.stats.enabled:
+                self._count(layer, m, m)
+            return y
         ga, u = self._gate_up(cl, x)
         a = ga * u
-        if self.rule == "product" and x.shape[0] == 1:
-            # one op for |a| > t (hardshrink keeps a where |a| > t, else 0: an active a is never 0)
-            kept = F.hardshrink(a[0], cl.threshold)
-            idx = kept.nonzero().squeeze(1)
-            w, off = kept.index_select(0, idx), _ZERO
-        else:
-            w, idx, off = csr(a, (ga if self.rule == "gate" else a).abs() > cl.threshold)
+        w, idx, off = csr(a, (ga if self.rule == "gate" else a).abs() > cl.threshold)
         self._count(layer, int(idx.numel()), int(idx.numel()))
         return self.kernel.down(w, idx, off, self._down_rows(cl, D))
 
@@ -284,13 +289,19 @@ class HybridModel:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] float32 ([B, 1, V] with last_only)."""
+                last_only: bool = False, sparse: bool | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] float32 ([B, 1, V] with last_only).
+
+        sparse: None = the mode's choice (one token: sparse unless exact; several: per `prefill`);
+        True computes every token of a multi-token forward as decoding would (each token its own active
+        set: teacher-forced evaluation of the decode path with a dense prefill before it)."""
         cfg, st = self.cfg, self.stats
         B, T = tokens.shape
         if cache is None:
             cache = self.new_cache(B, start + T)
-        sparse = self.mode != "exact" and (T == 1 or self.prefill == "sparse")
+        if sparse is None:
+            sparse = T == 1 or self.prefill == "sparse"
+        sparse = sparse and self.mode != "exact"
         t0 = st.begin(B * T, "decode" if T == 1 else "prefill")
         on_cpu = self.device.type == "cpu"
         measure, worker, preds, cold = st.enabled, self.worker, self.predictors, self.cold_layers
