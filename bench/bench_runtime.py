@@ -1,7 +1,7 @@
 """Hybrid runtime vs the dense reference on SmolLM2 (CPU), ratios from one run; export time.
 
     python bench/bench_runtime.py [--model smollm2-135m] [--work bench/.cache/runtime] [--sparsity 0.5]
-                                  [--new-tokens 48] [--repeats 5] [--cli-repeats 3] [--out bench/results/runtime.json]
+                                  [--new-tokens 32] [--repeats 3] [--cli-repeats 6] [--out bench/results/runtime.json]
 
 What it does, all in one process (plus subprocesses for the CLI comparison), interleaving the contenders so
 that the machine's load (other jobs share its 2 cores) hits all of them alike:
@@ -13,7 +13,7 @@ that the machine's load (other jobs share its 2 cores) hits all of them alike:
      lockstep: the contenders take turns token by token, so the machine's load bursts hit all alike;
      per-token times, medians, and the median of per-step paired ratios (warm-up excluded);
   4. `hotcold run --json` (the all-on-CPU split-layout bundle, threshold mode) vs `hotcold generate --json`
-     as subprocesses, interleaved (decode tokens/s as each reports it).
+     as subprocesses, interleaved, alternating which goes first (decode tokens/s as each reports it).
 Writes one JSON object with the command, the machine, and every sample.
 """
 
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cli-repeats", type=int, default=3)
+    ap.add_argument("--cli-repeats", type=int, default=6)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "runtime.json"))
     args = ap.parse_args()
@@ -181,14 +181,16 @@ def main() -> None:
     prompt_text = tasks[0].text
     cli: dict[str, list[float]] = {"hotcold generate": [], "hotcold run (threshold)": []}
     run_bundle = bundles["all-cpu/split"]  # on a CPU-only machine every neuron is on the CPU
-    for rep in range(args.cli_repeats):
-        g, _ = hotcold("generate", "-m", args.model, "-p", prompt_text, "-n", str(args.new_tokens), "--json")
-        r, _ = hotcold("run", str(run_bundle), "-p", prompt_text, "-n", str(args.new_tokens), "--json")
+    for rep in range(args.cli_repeats):  # alternate which command goes first
+        cmds = {"g": ("generate", "-m", args.model, "-p", prompt_text, "-n", str(args.new_tokens), "--json"),
+                "r": ("run", str(run_bundle), "-p", prompt_text, "-n", str(args.new_tokens), "--json")}
+        done = {k: hotcold(*cmds[k])[0] for k in (("g", "r") if rep % 2 == 0 else ("r", "g"))}
+        g, r = done["g"], done["r"]
         cli["hotcold generate"].append(g["decode_tokens_per_s"])
         cli["hotcold run (threshold)"].append(r["decode_tokens_per_s"])
         log(f"cli repeat {rep}: generate {g['decode_tokens_per_s']:.1f}, run {r['decode_tokens_per_s']:.1f} tok/s")
     ratios = [a / b for a, b in zip(cli["hotcold run (threshold)"], cli["hotcold generate"])]
-    result["cli"] = {"bundle": str(run_bundle), "samples": cli,
+    result["cli"] = {"bundle": str(run_bundle), "samples": cli, "kernel": r.get("kernel"),
                      "ratio_median": statistics.median(ratios), "ratios": ratios}
     result["machine"]["loadavg_end"] = loadavg()
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

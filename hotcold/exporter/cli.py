@@ -39,13 +39,14 @@ def _ranks(text: str) -> tuple[int, ...]:
     return ranks
 
 
-LayoutOpt = Annotated[str, typer.Option("--cpu-layout", help="Cold rows on the CPU: bundled (gate matrix + one "
-                                                              "[up | down] row per neuron; the gate rule's) or split "
-                                                              "(gate+up matrix + down rows; faster for the product rule).")]
+LayoutOpt = Annotated[str, typer.Option("--cpu-layout", help="Cold rows on the CPU: auto (the rule's: split for "
+                                                              "product, bundled for gate), bundled (gate matrix + one "
+                                                              "\\[up | down] row per neuron) or split (transposed gate+up "
+                                                              "matrix + down rows).")]
 
 
 def _options(dtype: str, rule: str, sparsity: float, threshold: float | None, predictors: bool, target_recall: float,
-             epochs: int, ranks: str, ctx_len: int | None, cpu_layout: str = "bundled"):
+             epochs: int, ranks: str, ctx_len: int | None, cpu_layout: str = "auto"):
     from hotcold.exporter.export import ExportOptions
     from hotcold.exporter.predictors import PredictorOptions
     from hotcold.memory import canonical_dtype
@@ -98,7 +99,7 @@ def export_cmd(
                                                                                   "measure predictor recall on.")] = None,
     dtype: DtypeOpt = "fp32",
     rule: RuleOpt = "product",
-    cpu_layout: LayoutOpt = "bundled",
+    cpu_layout: LayoutOpt = "auto",
     sparsity: SparsityOpt = 0.5,
     threshold: ThresholdOpt = None,
     predictors: PredictorsOpt = False,

@@ -187,7 +187,7 @@ def compile_cmd(
     ctx_len: Annotated[int | None, typer.Option("--ctx-len", min=1, help="Context the KV cache is sized for (default: the model's maximum).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype of the bundle: fp32, bf16 or fp16.")] = "fp32",
     rule: Annotated[str, typer.Option("--rule", help="Activation rule: product or gate.")] = "product",
-    cpu_layout: Annotated[str, typer.Option("--cpu-layout", help="bundled or split (see `hotcold export --help`).")] = "bundled",
+    cpu_layout: Annotated[str, typer.Option("--cpu-layout", help="auto, bundled or split (see `hotcold export --help`).")] = "auto",
     sparsity: Annotated[float, typer.Option("--sparsity", min=0.0, max=0.999, help="Target per-layer sparsity for t_l.")] = 0.5,
     predictors: Annotated[bool, typer.Option("--predictors", help="Train and export ONNX predictors.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")] = False,

@@ -35,7 +35,7 @@ class ExportOptions:
 
     dtype: str = "float32"
     rule: str = "product"  # activation rule of threshold / predictor modes (format.py)
-    cpu_layout: str = fmt.DEFAULT_LAYOUT  # bundled | split (format.py)
+    cpu_layout: str = fmt.DEFAULT_LAYOUT  # auto | bundled | split (format.py; auto: split for product, bundled for gate)
     sparsity: float | None = 0.5  # target fraction of inactive neurons per layer, t_l calibrated from the profile
     threshold: float | tuple[float, ...] | None = None  # absolute t_l (one, or per layer)
     phase: str = "decode"  # histogram phase for the product rule
@@ -140,9 +140,9 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
         raise InputError(f"the exporter writes {', '.join(EXPORT_DTYPES)}, not {dtype}", "pass --dtype fp32, bf16 or fp16")
     tdt = TORCH_DTYPES[dtype]
     rule = th.check_rule(opts.rule)
-    layout = opts.cpu_layout
+    layout = fmt.layout_for(opts.cpu_layout, rule)
     if layout not in fmt.CPU_LAYOUTS:
-        raise InputError(f"unknown CPU layout {layout!r}", f"use one of: {', '.join(fmt.CPU_LAYOUTS)}")
+        raise InputError(f"unknown CPU layout {layout!r}", f"use one of: auto, {', '.join(fmt.CPU_LAYOUTS)}")
     _check_same_model("placement", placement, src)
     if profile is not None:
         _check_same_model("profile", profile, src)

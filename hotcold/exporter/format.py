@@ -79,7 +79,17 @@ TOKENIZER_FILE = "tokenizer.json"
 PREDICTOR_DIR = "predictors"
 RULES = ("gate", "product")
 CPU_LAYOUTS = ("bundled", "split")
-DEFAULT_LAYOUT = "bundled"  # the issue's row-column bundling; `split` reads the product rule's dense gate+up faster
+DEFAULT_LAYOUT = "auto"  # the layout that fits the rule (layout_for)
+
+
+def layout_for(layout: str, rule: str) -> str:
+    """`auto` -> the rule's layout: `split` for `product` (gate and up rows are read densely: one gemv over
+    the transposed [D, 2c] matrix; measured on the 2-core dev machine, SmolLM2 at 50% sparsity: split
+    66.5 vs bundled 85.3 ms/token against 63.1 dense, in the same run), `bundled` for `gate` (only the gate
+    rows are read densely; an active neuron's up and down rows are one contiguous block)."""
+    if layout == "auto":
+        return "split" if rule == "product" else "bundled"
+    return layout
 COLD_MODES = ("exact", "threshold", "predictor")
 
 # safetensors dtype tags <-> our canonical dtype names (hotcold.memory)

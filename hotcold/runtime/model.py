@@ -202,12 +202,18 @@ class HybridModel:
     def __init__(self, bundle: Bundle, mode: str = "threshold", device: str = "auto",
                  gpu_budget: int | str | None = None, max_len: int | None = None, prefill: str = "dense",
                  thresholds: float | Sequence[float] | None = None, kernel: str | Any = None,
-                 predictor_backend: str = "torch", gemv: bool | None = None, measure: bool = True):
+                 predictor_backend: str = "torch", gemv: bool | None = None, measure: bool = True,
+                 resident: bool = True):
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}", f"use one of: {', '.join(MODES)}")
         if prefill not in PREFILL:
             raise InputError(f"unknown prefill {prefill!r}", f"use one of: {', '.join(PREFILL)}")
         self.bundle = bundle
+        # resident: the CPU worker's weights copied from the bundle's memory map into process memory at load
+        # (as the dense model holds its weights): streaming them is faster than streaming page-cache
+        # mappings on the dev VM (see docs/runtime.md); resident=False keeps them mapped (no copy, pages
+        # read on demand: for bundles larger than RAM)
+        self.resident = resident
         self.cfg = cfg = bundle.config
         self.mode = mode
         self.prefill = prefill
@@ -235,6 +241,11 @@ class HybridModel:
         def put(t: torch.Tensor) -> torch.Tensor:
             return t if on_cpu else t.to(dev)
 
+        def cpu(name: str) -> torch.Tensor:
+            """A CPU-worker tensor: the bundle's mapping, or a copy in process memory (`resident`)."""
+            t = bundle.cpu[name]
+            return t.clone() if self.resident else t
+
         g = bundle.gpu
         self.embed = put(g["tok_embeddings"])
         self.norm = put(g["norm"])
@@ -254,9 +265,9 @@ class HybridModel:
             t = None if ts is None else float(ts[i])
             self.gpu_layers.append(GpuLayer(lw=lw, k=n_hot[i], threshold=t))
             if bundle.cpu_layout == "split":
-                cl = ColdLayer(threshold=t, gate_up=bundle.cpu[p + "cold_gate_up_t"].t(), down=bundle.cpu[p + "cold_down"])
+                cl = ColdLayer(threshold=t, gate_up=cpu(p + "cold_gate_up_t").t(), down=cpu(p + "cold_down"))
             else:
-                cl = ColdLayer(threshold=t, gate=bundle.cpu[p + "cold_gate"], up_down=bundle.cpu[p + "cold_up_down"])
+                cl = ColdLayer(threshold=t, gate=cpu(p + "cold_gate"), up_down=cpu(p + "cold_up_down"))
             self.cold_layers.append(cl)
         self.predictors = None
         if mode == "predictor":
@@ -356,7 +367,7 @@ class HybridModel:
     def report(self) -> dict[str, Any]:
         """Measurements since construction (or the last `stats.reset()`), memory, and the configuration."""
         gpu_b, cpu_b = self.weight_bytes()
-        return {"bundle": str(self.bundle.path), "mode": self.mode, "rule": self.rule if self.mode != "exact" else None,
+        return {"bundle": str(self.bundle.path), "mode": self.mode, "resident": self.resident, "rule": self.rule if self.mode != "exact" else None,
                 "prefill": self.prefill, "device": {"gpu_side": str(self.device), "cpu_worker": "cpu"},
                 "dtype": self.bundle.dtype, "kernel": getattr(self.kernel, "name", type(self.kernel).__name__),
                 "n_hot": self.bundle.n_hot, "n_ff": self.cfg.n_ff,

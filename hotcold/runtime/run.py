@@ -30,7 +30,7 @@ def run_prompt(bundle: str, prompt: str | None = None, *, max_new_tokens: int = 
                device: str = "auto", gpu_budget: int | str | None = None, prefill: str = "dense",
                threshold: float | None = None, max_len: int | None = None, verify: str = "full",
                expect_fingerprint: str | None = None, predictor_backend: str = "torch",
-               on_token: Callable[[int], None] | None = None, model: Any = None) -> dict[str, Any]:
+               on_token: Callable[[int], None] | None = None, model: Any = None, resident: bool = True) -> dict[str, Any]:
     """Generate from a bundle; returns {text, token ids, tokens/s, per-layer times, GPU share, memory, ...}."""
     from hotcold.runtime.bundle import Bundle
     from hotcold.runtime.model import HybridModel
@@ -40,7 +40,8 @@ def run_prompt(bundle: str, prompt: str | None = None, *, max_new_tokens: int = 
         ids = prompt_token_ids(b, prompt, chat, token_ids)
         need = len(ids) + max_new_tokens
         model = HybridModel(b, mode=mode, device=device, gpu_budget=gpu_budget, prefill=prefill,
-                            thresholds=threshold, max_len=max_len or need, predictor_backend=predictor_backend)
+                            thresholds=threshold, max_len=max_len or need, predictor_backend=predictor_backend,
+                            resident=resident)
     else:
         ids = prompt_token_ids(model.bundle, prompt, chat, token_ids)
     g = model.generate(ids, max_new_tokens, temperature, seed, on_token)
