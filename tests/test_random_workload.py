@@ -86,3 +86,11 @@ def test_study_on_a_workload_model_through_the_engine(tmp_path, mbpp_path, smoll
     assert 0 < fixed["gpu_share_of_active"] < 1
     md = (out / "report.md").read_text()
     assert "## Against fixed thresholds" in md and "dynamic vs fixed" in md and "Random weights" in md
+
+
+def test_fetch_saves_the_tokenizer(tmp_path, smollm_path):
+    r = runner.invoke(app, ["fetch", "smollm2-135m", "--save-tokenizer", str(tmp_path / "tok")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "tok" / "tokenizer.json").is_file() and str(tmp_path / "tok") in r.output
+    src = load_source(f"random:tiny:tokenizer={tmp_path / 'tok'}")
+    assert src.tokenizer().encode("print('hi')")

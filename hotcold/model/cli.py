@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -46,14 +47,23 @@ def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
 
 def fetch_cmd(
     model_id: Annotated[str, typer.Argument(help="Model id to fetch, e.g. smollm2-135m.")] = "smollm2-135m",
+    save_tokenizer: Annotated[Path | None, typer.Option("--save-tokenizer", help="Also write the model's tokenizer (tokenizer.json + tokenizer_config.json, ~3 MB) to this directory, e.g. to lend it to a random 70B-shaped model on a machine the model file cannot reach (random:SHAPE:tokenizer=DIR).")] = None,
 ) -> None:
     """Download a known model into $HOTCOLD_HOME (default ~/.cache/hotcold), verify it, print its path.
 
     Example: hotcold fetch smollm2-135m
     """
-    from hotcold.model.registry import fetch
+    from hotcold.model.registry import fetch, load_source
 
-    out.print(str(fetch(model_id)))
+    path = fetch(model_id)
+    out.print(str(path))
+    if save_tokenizer is not None:
+        tok = load_source(str(path)).tokenizer()
+        if tok is None:
+            from hotcold.errors import InputError
+
+            raise InputError(f"{model_id} has no tokenizer to save", "drop --save-tokenizer")
+        out.print(str(tok.save(save_tokenizer)))
 
 
 def generate_cmd(
