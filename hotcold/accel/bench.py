@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -35,7 +34,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any, Callable
 
 import numpy as np
@@ -43,30 +41,11 @@ import torch
 
 from hotcold.memory import dense_bytes, neuron_bytes
 from hotcold.model.config import ModelConfig
-
-GATE_T = 1.0  # the gate rule's threshold the weights are scaled for
-F_CAP = 0.45  # frequencies above this cannot be reached by scaling alone (silu(g) > t needs g > 0)
+# the gate-row scaling that gives neuron i its workload frequency is the random model's (one definition)
+from hotcold.model.random import F_CAP, GATE_T, gate_scales
 
 
 # ---- the model ---------------------------------------------------------------------------------
-def gate_scales(f: np.ndarray, t: float = GATE_T) -> np.ndarray:
-    """Row scale s_i so that P(silu(s_i z) > t) = f_i for z ~ N(0, 1)."""
-    g_t = _silu_inv(t)
-    z = np.array([NormalDist().inv_cdf(1 - v) for v in np.clip(f, 1e-7, F_CAP).ravel()]).reshape(f.shape)
-    return g_t / z
-
-
-def _silu_inv(t: float) -> float:
-    lo, hi = 0.0, 50.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mid / (1 + math.exp(-mid)) < t:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
 def generate_weights(cfg: ModelConfig, gate_f: np.ndarray, device, dtype: torch.dtype, seed: int = 0):
     """Random weights on `device`: (globals {tok_embeddings, norm, output}, [layer dicts, our names])."""
     g = torch.Generator(device=device).manual_seed(seed)
