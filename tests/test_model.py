@@ -179,3 +179,17 @@ def test_generate_stops_at_eos(tiny_source):
 def test_model_config_json_roundtrip():
     cfg = shape("llama3-70b").replace(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192))
     assert ModelConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+
+
+def test_atomic_dir_gets_a_normal_mode(tmp_path):
+    import os
+    import stat
+
+    from hotcold.artifacts import atomic_dir
+
+    with atomic_dir(tmp_path / "out") as d:
+        (d / "f").write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~mask
+    assert (tmp_path / "out" / "f").read_text() == "x"
