@@ -129,3 +129,25 @@ def verify_files(root: Path, manifest: dict[str, Any], kind: str) -> None:
         if p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
             raise IncompatibleError(f"{kind} {root}: {rec['path']} was altered (sha256 mismatch)",
                                     f"re-create the {kind}")
+
+
+class ModelArtifact:
+    """What every artifact made for one model shares: its manifest's `model` record and a content hash
+    (the manifest minus file records, plus the files' hashes). Profile and Placement mix it in."""
+
+    manifest: dict[str, Any]
+
+    @property
+    def model_config(self):  # -> hotcold.model.config.ModelConfig (imported late: artifacts is below model)
+        from hotcold.model.config import ModelConfig
+
+        return ModelConfig.from_json(self.manifest["model"]["config"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["model"]["fingerprint"]
+
+    @property
+    def content_hash(self) -> str:
+        return sha256_json({k: v for k, v in self.manifest.items() if k != "files"} |
+                           {"files": [f["sha256"] for f in self.manifest.get("files", [])]})

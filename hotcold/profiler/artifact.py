@@ -40,9 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from hotcold.artifacts import atomic_dir, file_record, read_manifest, sha256_json, verify_files, write_manifest
+from hotcold.artifacts import ModelArtifact, atomic_dir, file_record, read_manifest, verify_files, write_manifest
 from hotcold.errors import IncompatibleError, InputError
-from hotcold.model.config import ModelConfig
 
 KIND = "profile"
 FORMAT_VERSION = 1
@@ -87,7 +86,7 @@ def threshold_from_hist(hist: np.ndarray, sparsity: float, lo: float = HIST_LO, 
 
 
 @dataclass(frozen=True)
-class Profile:
+class Profile(ModelArtifact):
     manifest: dict[str, Any]
     active_count_prefill: np.ndarray  # [n_layers, n_ff] int64
     active_count_decode: np.ndarray  # [n_layers, n_ff] int64
@@ -97,14 +96,6 @@ class Profile:
     path: Path | None = None
 
     # ---- derived views -------------------------------------------------------------------------
-    @property
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.from_json(self.manifest["model"]["config"])
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["model"]["fingerprint"]
-
     @property
     def token_count(self) -> dict[str, int | None]:
         return dict(self.manifest["token_count"])
@@ -152,12 +143,6 @@ class Profile:
 
     def magnitude_thresholds(self, sparsity: float, phase: str = "all") -> list[float]:
         return [self.magnitude_threshold(l, sparsity, phase) for l in range(self.active_count_decode.shape[0])]
-
-    @property
-    def content_hash(self) -> str:
-        """Hash identifying this profile's content (manifest minus file records)."""
-        return sha256_json({k: v for k, v in self.manifest.items() if k != "files"} |
-                           {"files": [f["sha256"] for f in self.manifest.get("files", [])]})
 
     # ---- compatibility and merging -------------------------------------------------------------
     def compatibility_key(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from hotcold.artifacts import atomic_dir, file_record, read_manifest, sha256_json, verify_files, write_manifest
+from hotcold.artifacts import ModelArtifact, atomic_dir, file_record, read_manifest, verify_files, write_manifest
 from hotcold.errors import IncompatibleError
 from hotcold.model.config import ModelConfig
 
@@ -40,21 +40,13 @@ TENSORS = "placement.safetensors"
 
 
 @dataclass(frozen=True)
-class Placement:
+class Placement(ModelArtifact):
     manifest: dict[str, Any]
     order: np.ndarray  # [n_layers, n_ff] int32
     n_hot: np.ndarray  # [n_layers] int32
     path: Path | None = None
 
     # ---- views ----------------------------------------------------------------------------------
-    @property
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.from_json(self.manifest["model"]["config"])
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["model"]["fingerprint"]
-
     @property
     def policy(self) -> str:
         return self.manifest["policy"]["name"]
@@ -97,12 +89,6 @@ class Placement:
         rank = np.arange(self.order.shape[1])[None, :] < self.n_hot[:, None]
         np.put_along_axis(mask, self.order.astype(np.int64), rank, axis=1)
         return mask
-
-    @property
-    def content_hash(self) -> str:
-        """Hash identifying this placement's content (manifest minus file records, plus file hashes)."""
-        return sha256_json({k: v for k, v in self.manifest.items() if k != "files"} |
-                           {"files": [f["sha256"] for f in self.manifest.get("files", [])]})
 
     def summary(self) -> dict[str, Any]:
         """The small JSON object `hotcold solve --json` prints and exporters copy into their manifest."""
