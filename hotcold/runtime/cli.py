@@ -43,9 +43,9 @@ def run_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="Fail unless the bundle was exported from this model (id, .gguf or HF dir).")] = "",
     token_ids: Annotated[str, typer.Option("--token-ids", help="Prompt as token ids (bundles of models without a tokenizer).")] = "",
     predictor_backend: Annotated[str, typer.Option("--predictor-backend", help="torch or onnxruntime.")] = "torch",
-    mmap: Annotated[bool, typer.Option("--mmap", help="Keep the CPU worker's weights memory-mapped instead of "
-                                                      "copying them into memory at load (for bundles larger than RAM; "
-                                                      "slower to stream).")] = False,
+    mmap: Annotated[bool, typer.Option("--mmap", help="Keep the CPU worker's weights memory-mapped. By default "
+                                                      "they are copied into memory at load when they fit in half of "
+                                                      "the available memory (faster to stream).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate text from a Bundle: attention and hot neurons on the GPU side, cold neurons on a CPU worker.
@@ -90,7 +90,7 @@ def run_cmd(
     ids = prompt_token_ids(b, prompt, not no_chat_template, _ids(token_ids))
     m = HybridModel(b, mode=mode, device=device, gpu_budget=gpu_budget or None, prefill=prefill, thresholds=threshold,
                     max_len=max_len or len(ids) + max_new_tokens, predictor_backend=predictor_backend,
-                    resident=not mmap)
+                    resident=False if mmap else None)
     res = run_prompt(str(bundle), prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                      chat=not no_chat_template, token_ids=_ids(token_ids), on_token=on_token, model=m)
     if json_out:

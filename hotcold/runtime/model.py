@@ -52,6 +52,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def fits_in_memory(tensors: dict[str, torch.Tensor], share: float = 0.5) -> bool:
+    """Whether these tensors take at most `share` of the memory available now (Linux MemAvailable; False
+    where it cannot be read)."""
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return need <= share * avail
+
+
 @dataclass
 class GpuLayer:
     lw: LayerWeights  # attention + norms, and the hot neurons as a small dense FFN (w_gate_up [2k, D], w_down [D, k])
@@ -203,7 +215,7 @@ class HybridModel:
                  gpu_budget: int | str | None = None, max_len: int | None = None, prefill: str = "dense",
                  thresholds: float | Sequence[float] | None = None, kernel: str | Any = None,
                  predictor_backend: str = "torch", gemv: bool | None = None, measure: bool = True,
-                 resident: bool = True):
+                 resident: bool | None = None):
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}", f"use one of: {', '.join(MODES)}")
         if prefill not in PREFILL:
@@ -211,9 +223,9 @@ class HybridModel:
         self.bundle = bundle
         # resident: the CPU worker's weights copied from the bundle's memory map into process memory at load
         # (as the dense model holds its weights): streaming them is faster than streaming page-cache
-        # mappings on the dev VM (see docs/runtime.md); resident=False keeps them mapped (no copy, pages
-        # read on demand: for bundles larger than RAM)
-        self.resident = resident
+        # mappings on the dev VM (docs/runtime.md); False keeps them mapped (no copy, pages read on demand);
+        # None: copy when they fit in half of the memory available now (a bundle larger than RAM stays mapped)
+        self.resident = fits_in_memory(bundle.cpu) if resident is None else resident
         self.cfg = cfg = bundle.config
         self.mode = mode
         self.prefill = prefill

@@ -30,7 +30,7 @@ def run_prompt(bundle: str, prompt: str | None = None, *, max_new_tokens: int = 
                device: str = "auto", gpu_budget: int | str | None = None, prefill: str = "dense",
                threshold: float | None = None, max_len: int | None = None, verify: str = "full",
                expect_fingerprint: str | None = None, predictor_backend: str = "torch",
-               on_token: Callable[[int], None] | None = None, model: Any = None, resident: bool = True) -> dict[str, Any]:
+               on_token: Callable[[int], None] | None = None, model: Any = None, resident: bool | None = None) -> dict[str, Any]:
     """Generate from a bundle; returns {text, token ids, tokens/s, per-layer times, GPU share, memory, ...}."""
     from hotcold.runtime.bundle import Bundle
     from hotcold.runtime.model import HybridModel
