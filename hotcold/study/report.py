@@ -35,8 +35,11 @@ def fmt(key: str, v: Any) -> str:
 
 
 def visible_columns(results: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """COLUMNS without those no run has a value for (pass@1 when not asked for)."""
-    return [c for c in COLUMNS if c[0] == "name" or any(r.get(c[0]) is not None for r in results["runs"])]
+    """COLUMNS without those no run has a value for (pass@1 when not asked for), and without the engine
+    column when every run used the runtime."""
+    runs = results["runs"]
+    return [c for c in COLUMNS if c[0] == "name" or (any(r.get(c[0]) is not None for r in runs) and not (
+        c[0] == "engine" and all(r.get("engine", "runtime") == "runtime" for r in runs)))]
 
 
 def table_rows(results: dict[str, Any], cols: list[tuple[str, str, str]] | None = None) -> list[list[str]]:
@@ -108,12 +111,18 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _tokens(tc: Any) -> str:
+    if isinstance(tc, dict):
+        return " + ".join(f"{v:,} {k}" for k, v in tc.items() if v is not None) + " tokens"
+    return f"{tc} tokens"
+
+
 def summary_lines(results: dict[str, Any]) -> list[str]:
     cfg = results["config"]
     d = results["dense"]
     lines = [
         f"Model: `{results['model']['source']}`; profile: {cfg['dataset']} {cfg['profile_split']} "
-        f"({cfg['profile_limit']} prompts, {cfg['profile_mode']}, {results['profile']['token_count']} tokens); "
+        f"({cfg['profile_limit']} prompts, {cfg['profile_mode']}, {_tokens(results['profile']['token_count'])}); "
         f"evaluation: {cfg['dataset']} {cfg['eval_split']} ({cfg['eval_limit']} prompts, teacher-forced on the reference solutions).",
         f"Activation sparsity target {cfg['sparsity']} ({' vs '.join(cfg['thresholds'])} thresholds), cold neurons found by "
         f"`{cfg['cold_mode']}`, weights {cfg['dtype']}, hardware `{results['hardware']['name']}`.",
