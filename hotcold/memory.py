@@ -21,6 +21,7 @@ that placements of 70B models on 24 GB GPUs can be modelled; the exporter writes
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,11 +238,14 @@ class MemoryAccount:
 
 
 def placement_bytes(cfg: ModelConfig, n_hot_per_layer: Sequence[int], dtype: Any, *, ctx_len: int,
-                    cold_mode: str = "threshold", predictor_rank: int | None = None,
-                    kv_dtype: Any = None, batch_tokens: int = 1) -> MemoryAccount:
+                    cold_mode: str = "threshold", predictor_rank: int | Sequence[int] | None = None,
+                    predictor_dtype: Any = None, kv_dtype: Any = None, batch_tokens: int = 1) -> MemoryAccount:
     """The memory a placement needs on each device (see the module docstring for what is counted).
 
     n_hot_per_layer: hot (GPU) neurons per layer; the rest of the layer's n_ff neurons are cold (CPU).
+    predictor_rank: one rank for every layer, or one per layer (an exported bundle's predictors are
+    sized per layer); given per layer, the predictors are counted whatever the cold mode (a bundle that
+    ships them holds them). predictor_dtype: their storage dtype (default: the weights').
     """
     if cold_mode not in COLD_MODES:
         raise InputError(f"unknown cold-neuron mode {cold_mode!r}", f"use one of: {', '.join(COLD_MODES)}")
@@ -254,8 +258,14 @@ def placement_bytes(cfg: ModelConfig, n_hot_per_layer: Sequence[int], dtype: Any
     kvd = canonical_dtype(kv_dtype) if kv_dtype is not None else default_kv_dtype(dtype)
     buf = buffer_bytes(cfg, ctx_len, batch_tokens)
     pred = 0
-    if cold_mode == "predictor":
-        pred = cfg.n_layers * predictor_bytes(cfg, predictor_rank or default_predictor_rank(cfg), dtype)
+    pdt = dtype if predictor_dtype is None else predictor_dtype
+    if predictor_rank is not None and not isinstance(predictor_rank, numbers.Integral):
+        ranks = [int(r) for r in predictor_rank]
+        if len(ranks) != cfg.n_layers or any(r < 0 for r in ranks):
+            raise InputError(f"predictor ranks must have {cfg.n_layers} entries >= 0", "pass one rank per layer")
+        pred = sum(predictor_bytes(cfg, r, pdt) for r in ranks)
+    elif cold_mode == "predictor":
+        pred = cfg.n_layers * predictor_bytes(cfg, predictor_rank or default_predictor_rank(cfg), pdt)
     gpu_ffn = [k * nb for k in n_hot]
     cpu_ffn = [(cfg.n_ff - k) * nb for k in n_hot]
     gpu = {**d.to_json(), "kv_cache": kv_cache_bytes(cfg, ctx_len, kvd), "predictors": pred,

@@ -122,3 +122,24 @@ def test_tensor_bytes():
     assert tensor_bytes((3, 64), "float32") == 768
     assert tensor_bytes((2, 3, 64), "q8_0") == 6 * 68
     assert tensor_bytes((), "float16") == 2
+
+
+def test_per_layer_predictor_ranks_are_counted():
+    from hotcold.memory import placement_bytes, predictor_bytes
+    from hotcold.model.config import shape
+
+    cfg = shape("tiny", n_layers=3)
+    ranks = [8, 16, 0]
+    base = placement_bytes(cfg, [10, 10, 10], "float32", ctx_len=64)
+    acct = placement_bytes(cfg, [10, 10, 10], "float32", ctx_len=64, predictor_rank=ranks, predictor_dtype="float16")
+    assert base.gpu["predictors"] == 0
+    assert acct.gpu["predictors"] == sum(predictor_bytes(cfg, r, "float16") for r in ranks) > 0
+    assert acct.gpu_total - base.gpu_total == acct.gpu["predictors"]
+    one = placement_bytes(cfg, [10, 10, 10], "float32", ctx_len=64, cold_mode="predictor", predictor_rank=8)
+    assert one.gpu["predictors"] == 3 * predictor_bytes(cfg, 8, "float32")
+    import pytest
+
+    from hotcold.errors import InputError
+
+    with pytest.raises(InputError, match="one rank per layer"):
+        placement_bytes(cfg, [10, 10, 10], "float32", ctx_len=64, predictor_rank=[8, 8])

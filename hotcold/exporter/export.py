@@ -21,7 +21,7 @@ from hotcold.errors import IncompatibleError, InputError
 from hotcold.exporter import format as fmt
 from hotcold.exporter import thresholds as th
 from hotcold.exporter.stwriter import StreamingWriter
-from hotcold.memory import canonical_dtype, dense_bytes, placement_bytes, predictor_bytes, tensor_bytes
+from hotcold.memory import canonical_dtype, dense_bytes, placement_bytes, tensor_bytes
 from hotcold.model.config import ModelConfig
 from hotcold.model.weights import WeightSource
 
@@ -92,10 +92,8 @@ def bundle_account(cfg: ModelConfig, n_hot: list[int], dtype: str, ctx_len: int,
     """The memory account of a bundle (hotcold.memory), with per-layer predictor sizes when present.
 
     Predictors are stored and run in float32 (onnxruntime's CPU kernels), so they are accounted so."""
-    acct = placement_bytes(cfg, n_hot, dtype, ctx_len=ctx_len, cold_mode="threshold")
-    if predictor_ranks:
-        acct.gpu["predictors"] = sum(predictor_bytes(cfg, r, "float32") for r in predictor_ranks)
-    return acct
+    return placement_bytes(cfg, n_hot, dtype, ctx_len=ctx_len, cold_mode="threshold",
+                           predictor_rank=list(predictor_ranks) if predictor_ranks else None, predictor_dtype="float32")
 
 
 def _check_written_bytes(cfg: ModelConfig, n_hot: list[int], dtype: str, records: dict[str, dict], acct) -> None:
