@@ -127,6 +127,10 @@ def export_cmd(
     opts = _options(dtype, rule, sparsity, threshold, predictors, target_recall, predictor_epochs, predictor_ranks,
                     ctx_len, cpu_layout)
     pl = Placement.load(placement)
+    if pl.manifest.get("dtype") and pl.manifest["dtype"] != opts.dtype:
+        err.print(f"[yellow]note: the placement was solved for {pl.manifest['dtype']} weights "
+                  f"({pl.manifest['memory']['gpu_total'] / 2**20:.0f} MiB of GPU); this bundle is {opts.dtype}, so its "
+                  f"GPU part differs — pass --dtype {pl.manifest['dtype']} to match (or solve with --dtype {opts.dtype})[/]")
     need_samples = predictors or (rule == "gate" and threshold is None)
     prof = Profile.load(profile, with_samples=need_samples) if profile is not None else None
     held = Profile.load(heldout_profile, with_samples=True) if heldout_profile is not None else None
