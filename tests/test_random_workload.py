@@ -84,6 +84,7 @@ def test_study_on_a_workload_model_through_the_engine(tmp_path, mbpp_path, smoll
     # the engine thresholds hot neurons too: the same function whatever the placement
     assert dyn["agreement"] == pytest.approx(fixed["agreement"], abs=1e-9)
     assert 0 < fixed["gpu_share_of_active"] < 1
+    assert 0.3 < dyn["skipped_fraction"] < 0.7 and fixed["peak_gpu_bytes"] is None  # 50% sparsity, all neurons; CPU
     md = (out / "report.md").read_text()
     assert "## Against fixed thresholds" in md and "dynamic vs fixed" in md and "Random weights" in md
 

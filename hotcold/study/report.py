@@ -15,6 +15,7 @@ COLUMNS = [
     ("n_hot_fraction", "hot", "neurons on GPU"), ("modelled_ms_per_token", "model ms", "modelled ms/token"),
     ("measured_decode_ms_per_token", "meas ms", "measured ms/token (decode)"),
     ("gpu_share_of_active", "GPU act", "GPU share of activated neurons"),
+    ("skipped_fraction", "skipped", "FFN neurons skipped per token"),
     ("agreement", "agree", "next-token agreement"), ("kl", "KL", "KL (nats)"), ("perplexity", "ppl", "perplexity"),
     ("pass_at_1", "pass@1", "pass@1"),
 ]
@@ -25,7 +26,7 @@ def fmt(key: str, v: Any) -> str:
         return "—"
     if key == "gpu_bytes":
         return f"{v / 2**20:.1f}"
-    if key in ("n_hot_fraction", "gpu_share_of_active", "pass_at_1"):
+    if key in ("n_hot_fraction", "gpu_share_of_active", "pass_at_1", "skipped_fraction"):
         return f"{100 * v:.1f}%"
     if key in ("agreement",):
         return f"{v:.3f}"
@@ -73,13 +74,15 @@ def plots(results: dict[str, Any]) -> dict[str, bytes]:
         plt.close(fig)
         out[name] = buf.getvalue()
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    colour = {pol: f"C{i}" for i, pol in enumerate(policies)}  # one colour per policy in every panel
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     for pol in policies:
         rs = sorted((r for r in runs if r["policy"] == pol), key=lambda r: r["gpu_bytes"])
         x = [r["gpu_bytes"] / 2**20 for r in rs]
-        ax[0].plot(x, [r["measured_decode_ms_per_token"] for r in rs], "o-", label=f"{pol} (measured)")
-        ax[0].plot(x, [r["modelled_ms_per_token"] for r in rs], "x--", alpha=0.6, label=f"{pol} (modelled)")
-        ax[1].plot(x, [r["agreement"] for r in rs], "o-", label=pol)
+        c = colour[pol]
+        ax[0].plot(x, [r["measured_decode_ms_per_token"] for r in rs], "o-", color=c, label=f"{pol} (measured)")
+        ax[0].plot(x, [r["modelled_ms_per_token"] for r in rs], "x--", color=c, alpha=0.6, label=f"{pol} (modelled)")
+        ax[1].plot(x, [r["agreement"] for r in rs], "o-", color=c, label=pol)
     dense = results.get("dense", {})
     if dense.get("measured_decode_ms_per_token"):
         ax[0].axhline(dense["measured_decode_ms_per_token"], color="k", lw=0.8, ls=":", label="dense (measured)")
@@ -91,6 +94,14 @@ def plots(results: dict[str, Any]) -> dict[str, bytes]:
     ax[1].set_ylabel("next-token agreement with dense")
     ax[1].set_title("Quality vs GPU memory")
     ax[1].legend(fontsize=7)
+    for pol in policies:
+        rs = [r for r in runs if r["policy"] == pol and r.get("skipped_fraction") is not None]
+        ax[2].plot([100 * r["skipped_fraction"] for r in rs], [r["agreement"] for r in rs], "o", color=colour[pol],
+                   label=pol)
+    ax[2].set_xlabel("FFN neurons skipped per token (%)")
+    ax[2].set_ylabel("next-token agreement with dense")
+    ax[2].set_title("Quality vs sparsity")
+    ax[2].legend(fontsize=7)
     save(fig, "pareto.png")
 
     fig, ax = plt.subplots(figsize=(11, 3.6))

@@ -89,12 +89,37 @@ class RunRow:
     taus: list[float | None]
     thresholds_kind: str
     engine: str = "runtime"
+    skipped_fraction: float | None = None  # FFN neurons not computed per token (hot and cold), decode
+    peak_gpu_bytes: int | None = None  # torch's peak CUDA allocation during the run (None on a CPU)
 
 
 def _peak_rss() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _reset_peak_gpu(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gpu(device: str) -> int | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.max_memory_allocated())
+
+
+def _skipped_runtime(hot_fraction: float, decode: dict[str, Any]) -> float | None:
+    """The runtime computes hot neurons densely and the active cold ones: the rest is skipped."""
+    act, share = decode.get("active_fraction"), decode.get("gpu_share")
+    if act is None or share is None:
+        return None
+    return max(0.0, 1.0 - hot_fraction - act * (1.0 - share))
 
 
 def parse_budget(spec: str, fixed_gpu: int, ffn_total: int) -> int:
@@ -291,6 +316,7 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
                                    dense_tf, dense_ppl, speed_ids, device, dynamic=policy == "dynamic"))
             step(f"{name}", i + 1, len(runs))
             continue
+        _reset_peak_gpu(device)
         hm = HybridModel(Bundle.load(b_dir), mode=cfg.cold_mode, device=device, max_len=cfg.ctx_len, prefill="sparse")
         tf = teacher_forced_logits(hm, seqs)
         comps = [compare_logits(d[0], h[0]) for d, h in zip(dense_tf, tf)]
@@ -312,6 +338,8 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
             measured_decode_ms_per_token=m_decode, measured_prefill_ms_per_token=m_prefill,
             gpu_share_of_active=decode.get("gpu_share"),
             active_fraction=decode.get("active_fraction"), peak_rss_bytes=_peak_rss(),
+            skipped_fraction=_skipped_runtime(float(np.sum(pl.n_hot) / (mcfg.n_layers * mcfg.n_ff)), decode),
+            peak_gpu_bytes=_peak_gpu(device),
             agreement=agree, kl=kl, perplexity=ppl, dense_perplexity=dense_ppl, pass_at_1=pa1,
             placement=str(pl_dir), bundle=str(b_dir), migration=None, taus=pl.taus, thresholds_kind=tkind))
         del hm
@@ -392,6 +420,7 @@ def run_engine(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: s
     from hotcold.solver.costmodel import CostModel
 
     mcfg = pl.model_config
+    _reset_peak_gpu(device)
     eng = from_bundle(b_dir, device=device, cold_mode="threshold", max_len=cfg.ctx_len)
     dyn = None
     if dynamic:
@@ -425,6 +454,7 @@ def run_engine(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: s
         measured_decode_ms_per_token=decode_ms, measured_prefill_ms_per_token=float("nan"),
         gpu_share_of_active=hot_act / max(hot_act + cold_act, 1.0),
         active_fraction=(hot_act + cold_act) / max(sum(weights) * n_ff, 1), peak_rss_bytes=_peak_rss(),
+        skipped_fraction=1.0 - (hot_act + cold_act) / max(sum(weights) * n_ff, 1), peak_gpu_bytes=_peak_gpu(device),
         agreement=float(np.average([c.agreement for c in comps], weights=weights)),
         kl=float(np.average([c.kl_mean for c in comps], weights=weights)), perplexity=float(np.mean(ppls)),
         dense_perplexity=dense_ppl, pass_at_1=None, placement=str(pl.path or ""), bundle=str(b_dir),
