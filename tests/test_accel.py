@@ -246,3 +246,27 @@ def test_bench_cli_toy(tmp_path):
     assert res["weights"].startswith("random")
     bad = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--layers", "99"])
     assert bad.exit_code == 2 and "--layers 99" in bad.output
+
+
+def test_engine_with_dense_hot_neurons_equals_the_runtime(src, tmp_path):
+    """threshold mode, gate rule: the engine with sparse_hot=False computes what hotcold.runtime computes
+    (hot neurons dense, cold ones by |silu(g)| > t_l); with sparse_hot=True it thresholds hot ones too."""
+    export = pytest.importorskip("hotcold.exporter.export")
+    from hotcold.accel.build import from_bundle
+    from hotcold.runtime.bundle import Bundle
+    from hotcold.runtime.model import HybridModel
+
+    cfg = src.config
+    from tests.hybrid_util import make_placement
+
+    plc = make_placement(src, cfg.n_ff // 3)
+    t = 0.05  # fires about half of the neurons of the tiny model
+    export.export_bundle(src, plc, tmp_path / "b", options=export.ExportOptions(
+        dtype="float32", rule="gate", sparsity=None, threshold=t))
+    hm = HybridModel(Bundle.load(tmp_path / "b"), mode="threshold", device="cpu", max_len=64)
+    cache = hm.new_cache(1, 64)
+    ref = torch.stack([hm.forward(torch.tensor([[tok]]), i, cache, last_only=True)[0, -1] for i, tok in enumerate(IDS)])
+    dense_hot = _decode(from_bundle(tmp_path / "b", cold_mode="threshold", max_len=64, sparse_hot=False), IDS)
+    sparse_hot = _decode(from_bundle(tmp_path / "b", cold_mode="threshold", max_len=64), IDS)
+    assert torch.allclose(dense_hot, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(sparse_hot, ref, atol=1e-3)

@@ -81,10 +81,11 @@ def test_study_on_a_workload_model_through_the_engine(tmp_path, mbpp_path, smoll
     assert fixed["engine"] == dyn["engine"] == "accel" and res["engine"] == "accel"
     assert dyn["gpu_bytes"] == fixed["gpu_bytes"]  # dynamic moves neurons within fixed's memory
     assert dyn["migration"]["decisions"] >= 1
-    # the engine thresholds hot neurons too: the same function whatever the placement
-    assert dyn["agreement"] == pytest.approx(fixed["agreement"], abs=1e-9)
+    assert fixed["hot_neurons"] == dyn["hot_neurons"] == "dense"  # as the runtime computes them
+    assert 0.5 < dyn["agreement"] <= 1 and 0.5 < fixed["agreement"] <= 1
     assert 0 < fixed["gpu_share_of_active"] < 1
-    assert 0.3 < dyn["skipped_fraction"] < 0.7 and fixed["peak_gpu_bytes"] is None  # 50% sparsity, all neurons; CPU
+    # 50% sparsity on the cold ~70% of the neurons; no GPU here
+    assert 0.2 < fixed["skipped_fraction"] < 0.5 and fixed["peak_gpu_bytes"] is None
     md = (out / "report.md").read_text()
     assert "## Against fixed thresholds" in md and "dynamic vs fixed" in md and "Random weights" in md
 

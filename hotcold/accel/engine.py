@@ -21,7 +21,8 @@ cold_up_down [C, 2D]. Slot s / j holds neuron hot_ids[s] / cold_ids[j]; the dyna
 (hotcold.accel.dynamic) swaps neurons between slots while generating.
 
 Cold modes: `exact` (every cold neuron: the dense model's output), `threshold` (|silu(g)| > t_l, on
-both sides; t_l may be adjusted online for a target density), `predictor` (a GPU selector picks the
+both sides unless sparse_hot=False keeps hot neurons dense as hotcold.runtime does; t_l may be adjusted
+online for a target density), `predictor` (a GPU selector picks the
 cold neurons; see `hotcold.accel.selectors`).
 """
 
@@ -126,7 +127,7 @@ class HybridEngine:
                  max_len: int = 512, thresholds: list[float] | None = None, selector: Any = None,
                  cpu_backend: str = "auto", cpu_threads: int | None = None, cpu_prefetch: bool | None = None,
                  graphs: bool = True, gpu_kernels: str = "auto",
-                 stats: bool = False, stat_thresholds: list[float] | None = None):
+                 stats: bool = False, stat_thresholds: list[float] | None = None, sparse_hot: bool = True):
         if cold_mode not in MODES:
             raise ValueError(f"cold mode {cold_mode!r}")
         if cold_mode == "predictor" and selector is None:
@@ -139,6 +140,9 @@ class HybridEngine:
         self.gl, self.cl = gpu_layers, cpu_layers
         self.L = cfg.n_layers
         self.cold_mode = cold_mode
+        # threshold mode: t_l also zeroes inactive hot neurons (the same function whatever the placement;
+        # costs nothing: the hot rows are read anyway), or hot neurons stay dense as in hotcold.runtime
+        self.sparse_hot = sparse_hot
         self.max_len = max_len
         self.selector = selector
         self.kernel = ColdKernel(cfg.dim, cpu_backend, cpu_threads, cpu_prefetch)
@@ -346,7 +350,8 @@ class HybridEngine:
             a = s * gu[:, 1]
             if self.cold_mode == "threshold":
                 on = s.abs() > self.thr_dev[l]
-                a = torch.where(on, a, 0.0)
+                if self.sparse_hot:
+                    a = torch.where(on, a, 0.0)
                 self.hot_active_dev[l] = on.sum()
             if self.stats_on:
                 if self.cold_mode == "predictor":
@@ -365,7 +370,8 @@ class HybridEngine:
         ops.gate_up(g.hot_gu, a, s_out=s if need_s else None, **src)
         if self.cold_mode == "threshold":
             on = s.abs() > self.thr_dev[l]
-            a.mul_(on)
+            if self.sparse_hot:
+                a.mul_(on)
             self.hot_active_dev[l] = on.sum()
         if self.stats_on:
             if self.cold_mode == "predictor":

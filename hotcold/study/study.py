@@ -91,6 +91,7 @@ class RunRow:
     engine: str = "runtime"
     skipped_fraction: float | None = None  # FFN neurons not computed per token (hot and cold), decode
     peak_gpu_bytes: int | None = None  # torch's peak CUDA allocation during the run (None on a CPU)
+    hot_neurons: str = "dense"  # threshold mode: hot neurons computed densely, or thresholded like cold ones
 
 
 def _peak_rss() -> int:
@@ -407,10 +408,9 @@ def run_engine(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: s
     (DynamicPlacement) when `dynamic` — the fixed placement's bundle, so GPU memory stays fixed's.
 
     Quality: the engine is teacher-forced token by token over the held-out sequences (migrations happen
-    while it goes), its logits compared with the dense model's. The engine's threshold mode applies t_l to
-    hot neurons too, so every placement computes the same function and agreement does not depend on the
-    placement (the runtime, `--engine runtime`, computes hot neurons densely). Speed: greedy decode after
-    a prefill.
+    while it goes), its logits compared with the dense model's. Hot neurons are computed densely, as the
+    runtime (`--engine runtime`) computes them, so the two engines' rows compare. Speed: greedy decode
+    after a prefill.
     """
     import torch
 
@@ -421,7 +421,8 @@ def run_engine(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: s
 
     mcfg = pl.model_config
     _reset_peak_gpu(device)
-    eng = from_bundle(b_dir, device=device, cold_mode="threshold", max_len=cfg.ctx_len)
+    # hot neurons dense, as hotcold.runtime computes them: the engine's rows compare with the runtime's
+    eng = from_bundle(b_dir, device=device, cold_mode="threshold", max_len=cfg.ctx_len, sparse_hot=False)
     dyn = None
     if dynamic:
         dyn = DynamicPlacement(eng, CostModel(mcfg, hw, cfg.dtype, cold_mode="threshold", ctx_len=cfg.ctx_len),
@@ -446,6 +447,7 @@ def run_engine(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: s
     n_hot = [g.n_hot for g in eng.gl]
     tot = pl.totals
     n_ff = mcfg.n_layers * mcfg.n_ff
+    n_tok = sum(weights)
     return RunRow(
         name=name, policy=pol, budget=budget, gpu_budget_bytes=gpu_budget, solver_status=pl.status,
         solve_seconds=float(pl.manifest["solver"].get("seconds", 0.0)),
@@ -454,7 +456,7 @@ def run_engine(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: s
         measured_decode_ms_per_token=decode_ms, measured_prefill_ms_per_token=float("nan"),
         gpu_share_of_active=hot_act / max(hot_act + cold_act, 1.0),
         active_fraction=(hot_act + cold_act) / max(sum(weights) * n_ff, 1), peak_rss_bytes=_peak_rss(),
-        skipped_fraction=1.0 - (hot_act + cold_act) / max(sum(weights) * n_ff, 1), peak_gpu_bytes=_peak_gpu(device),
+        skipped_fraction=1.0 - (sum(n_hot) * n_tok + cold_act) / max(n_tok * n_ff, 1), peak_gpu_bytes=_peak_gpu(device),
         agreement=float(np.average([c.agreement for c in comps], weights=weights)),
         kl=float(np.average([c.kl_mean for c in comps], weights=weights)), perplexity=float(np.mean(ppls)),
         dense_perplexity=dense_ppl, pass_at_1=None, placement=str(pl.path or ""), bundle=str(b_dir),
