@@ -22,11 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def log(s: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)
+from benchkit import REPO, log  # bench/ is on sys.path when a script here runs
 
 
 def main() -> None:

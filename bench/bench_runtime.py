@@ -32,11 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def log(s: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)
+from benchkit import REPO, log, train_profile  # bench/ is on sys.path when a script here runs
 
 
 def loadavg() -> list[float]:
@@ -76,8 +72,6 @@ def main() -> None:
     from hotcold.model.dense import DenseModel
     from hotcold.model.generate import generate
     from hotcold.model.registry import load_source
-    from hotcold.profiler.artifact import Profile
-    from hotcold.profiler.engine import ProfileOptions, run_profile
     from hotcold.runtime import load
     from hotcold.solver.placement import Placement
     from hotcold.workloads import format_prompt, load_dataset
@@ -93,13 +87,7 @@ def main() -> None:
     cfg = src.config
 
     # ---- 1. profile (thresholds) --------------------------------------------------------------
-    prof_dir = work / f"profile-train{args.profile_prompts}"
-    if not (prof_dir / "manifest.json").is_file():
-        log(f"profiling {args.profile_prompts} MBPP train prompts (teacher-forced) -> {prof_dir}")
-        run_profile(src, load_dataset("mbpp", "train", limit=args.profile_prompts),
-                    ProfileOptions(mode="teacher-forced"), out=prof_dir)
-    prof = Profile.load(prof_dir)
-    order = np.argsort(-prof.frequencies(), axis=1, kind="stable").astype(np.int32)
+    prof, order = train_profile(src, work, args.profile_prompts)
 
     # ---- 2. export, timed as the CLI -------------------------------------------------------------
     bundles: dict[str, Path] = {}
@@ -111,7 +99,7 @@ def main() -> None:
         for layout in ("bundled", "split"):
             name = f"{pname}/{layout}"
             out = work / f"bundle-{pname}-{layout}"
-            info, dt = hotcold("export", "-m", args.model, "--placement", str(pl_dir), "--profile", str(prof_dir),
+            info, dt = hotcold("export", "-m", args.model, "--placement", str(pl_dir), "--profile", str(prof.path),
                                "--sparsity", str(args.sparsity), "--cpu-layout", layout, "-o", str(out), "--json")
             log(f"export {name}: {dt:.1f} s wall (command), {info['seconds']:.1f} s in export_bundle")
             result["export"].append({"bundle": name, "command_seconds": dt, "export_seconds": info["seconds"],

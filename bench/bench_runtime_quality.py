@@ -27,11 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def log(s: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)
+from benchkit import REPO, log, train_profile  # bench/ is on sys.path when a script here runs
 
 
 def main() -> None:
@@ -49,8 +45,6 @@ def main() -> None:
     from hotcold.model.dense import DenseModel
     from hotcold.model.generate import generate
     from hotcold.model.registry import load_source
-    from hotcold.profiler.artifact import Profile
-    from hotcold.profiler.engine import ProfileOptions, run_profile
     from hotcold.quality.metrics import next_token_agreement
     from hotcold.runtime import load
     from hotcold.solver.placement import Placement
@@ -61,13 +55,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     src = load_source(args.model)
     cfg = src.config
-    prof_dir = work / f"profile-train{args.profile_prompts}"
-    if not (prof_dir / "manifest.json").is_file():
-        log(f"profiling {args.profile_prompts} MBPP train prompts (teacher-forced) -> {prof_dir}")
-        run_profile(src, load_dataset("mbpp", "train", limit=args.profile_prompts),
-                    ProfileOptions(mode="teacher-forced"), out=prof_dir)
-    prof = Profile.load(prof_dir)
-    order = np.argsort(-prof.frequencies(), axis=1, kind="stable").astype(np.int32)
+    prof, order = train_profile(src, work, args.profile_prompts)
     placement = Placement(manifest={"model": {"config": cfg.to_json(), "fingerprint": src.fingerprint}},
                           order=order, n_hot=np.zeros(cfg.n_layers, np.int32))
     bundle = work / f"bundle-quality-all-cpu-s{args.sparsity}"
