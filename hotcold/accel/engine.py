@@ -348,26 +348,13 @@ class HybridEngine:
             gu = F.linear(self.x.to(self.dtype), g.hot_gu.view(2 * k, D)).view(k, 2).float()
             s = F.silu(gu[:, 0])
             a = s * gu[:, 1]
-            if self.cold_mode == "threshold":
-                on = s.abs() > self.thr_dev[l]
-                if self.sparse_hot:
-                    a = torch.where(on, a, 0.0)
-                self.hot_active_dev[l] = on.sum()
-            if self.stats_on:
-                if self.cold_mode == "predictor":
-                    self.hot_count[l].add_(self.selector.hot_active(self, l, self.x))
-                else:
-                    self.hot_count[l].add_((s.abs() > self.stat_thr_dev[l]).float())
+            self._hot_activity(l, s, a)
             self.h.add_(torch.matmul(a.to(self.dtype), g.hot_down).float())
         return hot
 
-    def _hot_fused(self, l: int) -> None:
-        g, ops = self.gl[l], self.ops
-        k = g.n_hot
-        a, s = self.a_buf[:k], self.s_buf[:k]
-        need_s = self.cold_mode == "threshold" or (self.stats_on and self.cold_mode != "predictor")
-        src = dict(x=self.x) if self.split(l) else dict(h=self.h, nw=g.ffn_norm, eps=self.cfg.norm_eps)
-        ops.gate_up(g.hot_gu, a, s_out=s if need_s else None, **src)
+    def _hot_activity(self, l: int, s: torch.Tensor, a: torch.Tensor) -> None:
+        """Threshold mode: count the active hot neurons (|s| > t_l) and, with sparse_hot, zero the others'
+        a in place; with statistics on, add each slot's activity to hot_count (dynamic mode's input)."""
         if self.cold_mode == "threshold":
             on = s.abs() > self.thr_dev[l]
             if self.sparse_hot:
@@ -378,6 +365,15 @@ class HybridEngine:
                 self.hot_count[l].add_(self.selector.hot_active(self, l, self.x))
             else:
                 self.hot_count[l].add_((s.abs() > self.stat_thr_dev[l]).float())
+
+    def _hot_fused(self, l: int) -> None:
+        g, ops = self.gl[l], self.ops
+        k = g.n_hot
+        a, s = self.a_buf[:k], self.s_buf[:k]
+        need_s = self.cold_mode == "threshold" or (self.stats_on and self.cold_mode != "predictor")
+        src = dict(x=self.x) if self.split(l) else dict(h=self.h, nw=g.ffn_norm, eps=self.cfg.norm_eps)
+        ops.gate_up(g.hot_gu, a, s_out=s if need_s else None, **src)
+        self._hot_activity(l, s, a)
         ops.vecmat_add(a, g.hot_down, self.h)
 
     def _head(self) -> None:
