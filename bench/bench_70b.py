@@ -75,19 +75,29 @@ def main() -> None:
                     help="measure the engine-like kernel call pattern under several threading settings, "
                          "then run the bench under the best one")
     ap.add_argument("--call-pattern", help="(internal) measure the call pattern, write JSON here")
+    ap.add_argument("--probe-size", default="8192,22938,10",
+                    help="the call-pattern probe's dim,rows,layers (default: a 70B layer's cold rows, 10 layers)")
     ap.add_argument("--use-probe", help="take the threading from this earlier thread_probe.json instead of probing")
     ap.add_argument("--gpu-kernels", default="auto", choices=("auto", "triton", "torch"))
     ap.add_argument("--dyn-margin", type=float, default=2.0, help="dynamic mode's noise margin (standard errors)")
     ap.add_argument("--no-check", action="store_true", help="skip the Triton-vs-torch logits check")
-    ap.add_argument("--probe-prefetch", action="store_true",
-                    help="time the kernel's call pattern with and without software prefetch; bench with the faster")
+    ap.add_argument("--cpu-group", type=int, help="neurons the cold kernel streams side by side (1, 2, 4, 8)")
+    ap.add_argument("--cpu-dynamic", action="store_true", help="the cold kernel's dynamic schedule (predictor mode)")
+    ap.add_argument("--no-huge-pages", action="store_true", help="cold rows in ordinary 4 KiB-page memory")
+    ap.add_argument("--cpu-rate-gbps", type=float,
+                    help="the cold kernel's rate in the engine's call pattern (from the probe): the measured "
+                         "HardwareSpec's cpu.bandwidth")
+    ap.add_argument("--cpu-read-gbps", type=float,
+                    help="this machine's CPU read ceiling (from the probe): the CPU side of the machine floor")
     a = ap.parse_args()
     if a.call_pattern:
         from hotcold.accel.calib import call_pattern
         from hotcold.accel.bench import save_json
 
         n = os.cpu_count() or 1
-        save_json(call_pattern(tuple(sorted({n, max(1, n - 2), max(1, 3 * n // 4), max(1, n // 2)}, reverse=True)), log=log),
+        dim, rows, layers = (int(v) for v in a.probe_size.split(","))
+        kernels = ((1, False), (4, False), (8, False), (4, True), (8, True))
+        save_json(call_pattern((n,), dim=dim, rows=rows, layers=layers, kernels=kernels, huge=(False, True), log=log),
                   a.call_pattern)
         return
     if a.probe_threads or a.use_probe:
@@ -102,7 +112,8 @@ def main() -> None:
     opts = BenchOptions(shape=a.shape, n_layers=a.layers, gpu_budget_full=int(a.gpu_budget_gb * 1e9), cold_density=a.cold_density,
                         tokens=a.tokens, dyn_tokens=a.dyn_tokens, max_len=a.max_len, profiles=profiles,
                         hardware=a.hardware, runs=tuple(a.runs.split(",")), cpu_threads=a.cpu_threads, log=log,
-                        gpu_kernels=a.gpu_kernels, dyn_margin=a.dyn_margin, check=not a.no_check)
+                        gpu_kernels=a.gpu_kernels, dyn_margin=a.dyn_margin, check=not a.no_check,
+                        cpu_group=a.cpu_group, cpu_dynamic=a.cpu_dynamic, cpu_huge_pages=not a.no_huge_pages)
     if a.prepare:
         cfg = shape(opts.shape).replace(n_layers=opts.n_layers, max_seq_len=max(opts.max_len, 64))
         hw = resolve(preset_name=a.hardware) if not a.hardware.endswith(".json") else resolve(path=a.hardware)
@@ -148,19 +159,27 @@ def main() -> None:
         save_json(calib, out / "calib.json")
         rows = [r for r in calib.get("cold_kernel", []) if r["dtype"] == "float16" and r["mode"] == "predictor"
                 and r["backend"] == "numba"]
-        if rows and "device" in calib and "gpu_gemv_GBps" in calib["device"]:
-            spec = measured_spec(calib["device"], max(r["GBps"] for r in rows))
+        dev_m = calib.get("device", {})
+        if rows and "gpu_gemv_GBps" in dev_m:
+            # the CPU rate the engine gets (the probe's call pattern) when known, else the kernel table's
+            spec = measured_spec(dev_m, a.cpu_rate_gbps or max(r["GBps"] for r in rows))
             spec.save(out / "hw_measured.json")
             opts.predict_hw = [("measured_hw", spec)]
-    if a.probe_prefetch:
-        from hotcold.accel.calib import call_pattern
+        if "gpu_copy_GBps_read_plus_write" in dev_m:
+            import dataclasses
 
-        th = a.cpu_threads or os.cpu_count() or 1
-        rows = call_pattern((th,), prefetch=(False, True), calls=80, log=log)
-        calib["prefetch_probe"] = rows
-        save_json(calib, out / "calib.json")
-        opts.cpu_prefetch = min(rows, key=lambda r: r["ms_median"])["prefetch"]
-        log(f"cold kernel prefetch: {opts.cpu_prefetch}")
+            from hotcold.solver.hardware import preset
+
+            # this machine's ceilings: device copy rate, and the CPU read peak (probe) or torch's sum
+            base = preset("h200")
+            cpu_read = a.cpu_read_gbps or dev_m.get("cpu_sum_GBps")
+            opts.floor_hw = dataclasses.replace(
+                base, name="this-machine-ceilings",
+                gpu=dataclasses.replace(base.gpu, bandwidth=dev_m["gpu_copy_GBps_read_plus_write"] * 1e9),
+                cpu=dataclasses.replace(base.cpu, bandwidth=cpu_read * 1e9))
+            calib["machine_floor"] = {"gpu_GBps": dev_m["gpu_copy_GBps_read_plus_write"], "cpu_GBps": cpu_read,
+                                      "cpu_source": "probe read peak (numba sum)" if a.cpu_read_gbps else "torch sum"}
+            save_json(calib, out / "calib.json")
     if a.calib_only:
         return
     res_path = out / "bench_70b.json"
@@ -182,10 +201,9 @@ def probe(a) -> None:
     """Each threading setting in its own process (the layer is chosen at start), then the bench under the best."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    variants = {"default": {}, "omp-active": {"NUMBA_THREADING_LAYER": "omp", "OMP_WAIT_POLICY": "ACTIVE"},
-                "omp-active-bound": {"NUMBA_THREADING_LAYER": "omp", "OMP_WAIT_POLICY": "ACTIVE",
-                                     "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},
-                "workqueue": {"NUMBA_THREADING_LAYER": "workqueue"}}
+    # run 4 measured binding OpenMP threads (OMP_PROC_BIND=close, OMP_PLACES=cores) at 6 GB/s in this VM and
+    # the workqueue layer 25% slower: only the two that can win are probed
+    variants = {"default": {}, "omp-active": {"NUMBA_THREADING_LAYER": "omp", "OMP_WAIT_POLICY": "ACTIVE"}}
     rows = []
     if a.use_probe:
         rows = json.loads(Path(a.use_probe).read_text())
@@ -195,8 +213,9 @@ def probe(a) -> None:
     for name, extra in variants_run.items():
         path = out / f"probe_{name}.json"
         env = {**os.environ, **extra}
-        r = subprocess.run([sys.executable, __file__, "--call-pattern", str(path)], env=env, text=True,
-                           capture_output=True, timeout=120)
+        r = subprocess.run([sys.executable, __file__, "--call-pattern", str(path), "--probe-size", a.probe_size],
+                           env=env, text=True,
+                           capture_output=True, timeout=240)
         print(r.stdout[-1500:], r.stderr[-800:], flush=True)
         if r.returncode == 0 and path.exists():
             for row in json.loads(path.read_text()):
@@ -204,16 +223,28 @@ def probe(a) -> None:
             path.unlink()
     if not a.use_probe:
         (out / "thread_probe.json").write_text(json.dumps(rows, indent=1))
-    if not rows:
-        best_env, threads = {}, None
-    else:
-        best = min(rows, key=lambda r: r["ms_median"])
-        best_env, threads = variants[best["variant"]], best["threads"]
-        log(f"best threading: {best['variant']} with {threads} threads ({best['ms_median']:.3f} ms per call)")
+    kernel_rows = [r for r in rows if r.get("group", 1) > 0]
+    peaks = [r["GBps_median"] for r in rows if r.get("kind") == "read_peak"]
     argv = [x for i, x in enumerate(sys.argv[1:]) if x not in ("--probe-threads", "--use-probe")
             and (i == 0 or sys.argv[i] != "--use-probe")]
-    if threads and "--cpu-threads" not in argv:
-        argv += ["--cpu-threads", str(threads)]
+    best_env = {}
+    if kernel_rows:
+        best = min(kernel_rows, key=lambda r: r["ms_median"])
+        best_env = variants[best["variant"]]
+        log(f"best cold kernel: {best['variant']} threading, {best['threads']} threads, group {best.get('group', 1)}, "
+            f"{'dynamic' if best.get('dynamic') else 'static'} schedule, "
+            f"{'huge' if best.get('huge_pages') else '4 KiB'} pages ({best['ms_median']:.3f} ms per call, "
+            f"{best['GBps_median']:.1f} GB/s); read peak {max(peaks, default=0):.1f} GB/s")
+        for flag, val in (("--cpu-threads", best["threads"]), ("--cpu-group", best.get("group", 1)),
+                          ("--cpu-rate-gbps", round(best["GBps_median"], 2))):
+            if flag not in argv:
+                argv += [flag, str(val)]
+        if best.get("dynamic") and "--cpu-dynamic" not in argv:
+            argv.append("--cpu-dynamic")
+        if not best.get("huge_pages") and "--no-huge-pages" not in argv:
+            argv.append("--no-huge-pages")
+    if peaks and "--cpu-read-gbps" not in argv:
+        argv += ["--cpu-read-gbps", str(round(max(peaks), 2))]
     os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **best_env})
 
 

@@ -51,13 +51,14 @@ def test_hybrid_equals_dense(src, ref, backend, sizes):
     assert eng.n_segments == 1 + sum(1 + (k > 0) for k in sizes if k < 256)  # graphs per token on CUDA
 
 
-KERNELS = [("torch", False)] + ([("numba", False), ("numba", True)] if numba_available() else [])
+KERNELS = [("torch", 1, False)] + ([("numba", g, d) for g in (1, 2, 4, 8) for d in (False, True)]
+                                   if numba_available() else [])
 
 
-@pytest.mark.parametrize("backend,prefetch", KERNELS)
+@pytest.mark.parametrize("backend,group,dynamic", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["exact", "threshold", "predictor"])
-def test_cold_kernel_modes(backend, prefetch, dtype, mode):
+def test_cold_kernel_modes(backend, group, dynamic, dtype, mode):
     g = torch.Generator().manual_seed(1)
     C, D = 300, 128
     gate = (torch.randn(C, D, generator=g) * 0.4).to(dtype)
@@ -65,7 +66,7 @@ def test_cold_kernel_modes(backend, prefetch, dtype, mode):
     x = torch.randn(D, generator=g)
     s = torch.nn.functional.silu(gate.double() @ x.double())
     sel = torch.zeros(C, dtype=torch.uint8)
-    sel[torch.randperm(C, generator=g)[:40]] = 1
+    sel[torch.randperm(C, generator=g)[:43]] = 1  # 43: groups of 2 and 4 leave a remainder per thread
     if mode == "exact":
         m = torch.ones(C, dtype=torch.bool)
     elif mode == "threshold":
@@ -74,12 +75,25 @@ def test_cold_kernel_modes(backend, prefetch, dtype, mode):
         m = sel.bool()
     want = (s * (ud[:, :D].double() @ x.double()) * m) @ ud[:, D:].double()
     act = sel.clone() if mode == "predictor" else torch.full((C,), 7, dtype=torch.uint8)
-    r = ColdKernel(D, backend, prefetch=prefetch)(x, gate, ud, mode, mask=act if mode == "predictor" else None,
+    r = ColdKernel(D, backend, group=group, dynamic=dynamic)(x, gate, ud, mode, mask=act if mode == "predictor" else None,
                                                   thr=0.3, active=act)
     assert r.n_active == int(m.sum())
     assert torch.equal(act.bool(), m)
     assert ((r.y.double() - want).norm() / want.norm()) < 1e-5
     assert r.bytes_read > 0
+
+
+def test_host_memory_for_cold_rows():
+    from hotcold.accel.kernels import HUGE_PAGE, host_empty, to_host, transparent_hugepages
+
+    src = torch.randn(1500, 1024).to(torch.bfloat16)  # 3 MB: past one huge page
+    t = to_host(src)
+    assert t.dtype == torch.bfloat16 and t.shape == src.shape and t.is_contiguous() and torch.equal(t, src)
+    if transparent_hugepages() in ("always", "madvise"):
+        assert t.data_ptr() % HUGE_PAGE == 0  # its own mapping, aligned so that huge pages can back all of it
+    small = host_empty((3, 4), torch.float32)
+    assert small.shape == (3, 4)
+    assert torch.equal(to_host(src, torch.float32, huge=False), src.float())
 
 
 def test_predictor_mode_with_oracle_equals_threshold_mode(src):

@@ -287,7 +287,9 @@ class BenchOptions:
                              "hotcold-dynamic", "threshold")
     cpu_backend: str = "auto"
     cpu_threads: int | None = None
-    cpu_prefetch: bool | None = None
+    cpu_group: int | None = None  # neurons the cold kernel streams side by side (None: its default)
+    cpu_dynamic: bool | None = None  # the cold kernel's dynamic schedule (None: its default)
+    cpu_huge_pages: bool = True  # cold rows in huge-page memory (hotcold.accel.kernels.host_empty)
     seed: int = 0
     dyn_every: int = 16
     dyn_max_swaps: int = 512
@@ -296,6 +298,7 @@ class BenchOptions:
     dyn_margin: float = 2.0  # dynamic mode's noise margin (standard errors)
     check: bool = True  # on CUDA: Triton vs torch GPU path on the first 2 layers, logits compared
     predict_hw: list = field(default_factory=list)  # [(label, HardwareSpec)]: more predictions beside the main one
+    floor_hw: Any = None  # a HardwareSpec of this machine's measured ceilings: a second floor beside `hardware`'s
     log: Callable[[str], None] = print
     checkpoint: Callable[[dict], None] | None = None
 
@@ -304,6 +307,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     from hotcold.accel import workload as wl
     from hotcold.accel.build import split_layer
     from hotcold.accel.engine import HybridEngine
+    from hotcold.accel.kernels import transparent_hugepages
     from hotcold.accel.selectors import SampledPredictor
     from hotcold.memory import canonical_dtype, default_predictor_rank
     from hotcold.model.config import shape
@@ -321,7 +325,8 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     hw = resolve(path=o.hardware) if str(o.hardware).endswith(".json") else resolve(preset_name=o.hardware)
     rank = o.predictor_rank or default_predictor_rank(cfg)
     res: dict[str, Any] = {"benchmark": "hotcold bench: hybrid GPU+CPU decode vs baselines, batch 1",
-                           "cpu_kernel": {"backend": o.cpu_backend, "threads": o.cpu_threads, "prefetch": o.cpu_prefetch,
+                           "cpu_kernel": {"backend": o.cpu_backend, "threads": o.cpu_threads, "group": o.cpu_group, "dynamic": o.cpu_dynamic, "huge_pages": o.cpu_huge_pages,
+                                          "transparent_hugepages": transparent_hugepages(),
                                           "numba_threading_layer": os.environ.get("NUMBA_THREADING_LAYER"),
                                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
                            "weights": "random (generated on the device); not a trained model",
@@ -358,18 +363,21 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     cm = CostModel(cfg, hw, dt_name, **cm_args)
     cm_exact = CostModel(cfg, hw, dt_name, cold_mode="exact", ctx_len=o.max_len)
     res["hardware_for_predictions"] = hw.to_json()
+    if o.floor_hw is not None:
+        res["hardware_machine_floor"] = o.floor_hw.to_json()
 
     def engine_for(hot_ids, cold_ids, mode, selector=None, thresholds=None):
         gls, cls = [], []
         for l in range(cfg.n_layers):
             t = dict(layers[l])
             t["cold_ids"] = cold_ids[l]
-            g, c = split_layer(t, hot_ids[l], cfg.n_ff, dev, tdtype)
+            g, c = split_layer(t, hot_ids[l], cfg.n_ff, dev, tdtype, huge=o.cpu_huge_pages)
             gls.append(g)
             cls.append(c)
         return HybridEngine(cfg, glob["tok_embeddings"], glob["norm"], glob["output"], gls, cls, cold_mode=mode,
                             max_len=o.max_len, selector=selector, thresholds=thresholds, gpu_kernels=o.gpu_kernels,
-                            cpu_backend=o.cpu_backend, cpu_threads=o.cpu_threads, cpu_prefetch=o.cpu_prefetch)
+                            cpu_backend=o.cpu_backend, cpu_threads=o.cpu_threads, cpu_group=o.cpu_group,
+                            cpu_dynamic=o.cpu_dynamic)
 
     if o.check and dev.type == "cuda" and o.gpu_kernels != "torch":
         res["check_triton_vs_torch"] = check_gpu_paths(cfg, glob, layers, dev, tdtype, o.max_len)
@@ -402,6 +410,9 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         floor_bytes = eng.gpu_bytes_per_token()
         r["floor_ms"] = floor_bytes / hw.gpu.bandwidth * 1e3
         r["ratio_to_floor"] = r["ms_per_token"] / r["floor_ms"]
+        if o.floor_hw is not None:
+            r["floor_ms_machine"] = floor_bytes / o.floor_hw.gpu.bandwidth * 1e3
+            r["ratio_to_floor_machine"] = r["ms_per_token"] / r["floor_ms_machine"]
         r["memory"] = eng.memory()
         if dev.type == "cuda":
             r["peak_gpu_bytes_run"] = torch.cuda.max_memory_allocated(dev) - base
@@ -502,10 +513,14 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         r["gpu_share_measured"] = None
         cold_f = f_work[~hm]
         r["cold_density"] = float(cold_f.mean()) if cold_f.size else 0.0
-        r["floor_ms"] = (eng.gpu_bytes_per_token() / hw.gpu.bandwidth
-                         + sum(float((f_work[l][~hm[l]]).sum()) * nb for l in range(cfg.n_layers)) / hw.cpu.bandwidth) * 1e3
+        cold_bytes = sum(float((f_work[l][~hm[l]]).sum()) * nb for l in range(cfg.n_layers))
+        r["floor_ms"] = (eng.gpu_bytes_per_token() / hw.gpu.bandwidth + cold_bytes / hw.cpu.bandwidth) * 1e3
         r["floor_note"] = "GPU bytes / BW_gpu + active cold bytes / BW_cpu (sides serial: attention precedes the split)"
         r["ratio_to_floor"] = r["ms_per_token"] / r["floor_ms"]
+        if o.floor_hw is not None:  # the same bytes over this machine's measured ceilings
+            r["floor_ms_machine"] = (eng.gpu_bytes_per_token() / o.floor_hw.gpu.bandwidth
+                                     + cold_bytes / o.floor_hw.cpu.bandwidth) * 1e3
+            r["ratio_to_floor_machine"] = r["ms_per_token"] / r["floor_ms_machine"]
         r["memory"] = eng.memory()
         if dev.type == "cuda":
             r["peak_gpu_bytes_run"] = torch.cuda.max_memory_allocated(dev) - base
@@ -743,6 +758,9 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         out["hotcold_run"] = hc_name
         out["hotcold_ms_full_depth"] = hc
         out["hotcold_over_floor"] = R[hc_name].get("ratio_to_floor")
+        out["hotcold_over_floor_machine"] = R[hc_name].get("ratio_to_floor_machine")
+        out["hotcold_fixed_over_floor"] = R.get("hotcold-fixed", {}).get("ratio_to_floor")
+        out["hotcold_fixed_over_floor_machine"] = R.get("hotcold-fixed", {}).get("ratio_to_floor_machine")
         if x("layer-split"):
             out["speedup_vs_layer_split"] = x("layer-split") / hc
         if x("stream"):
@@ -750,6 +768,7 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
             out["speedup_vs_stream_sequential"] = x("stream", "extrapolated_ms_per_token_full_depth_sequential") / hc
     if "dense-gpu" in R:
         out["dense_gpu_over_floor"] = R["dense-gpu"]["ratio_to_floor"]
+        out["dense_gpu_over_floor_machine"] = R["dense-gpu"].get("ratio_to_floor_machine")
     errs = {k: v.get("model_error") for k, v in R.items() if v.get("model_error") is not None}
     out["model_error"] = errs
     out["model_error_fitted_hw"] = {k: v.get("model_error_fitted_hw") for k, v in R.items()

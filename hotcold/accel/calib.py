@@ -9,6 +9,7 @@ kernel's predictor-mode rate (what the engine achieves), not the DRAM peak.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -157,39 +158,116 @@ def measured_spec(m: dict[str, Any], cold_GBps: float, name: str = "h200-measure
 
 
 def call_pattern(threads: tuple[int, ...], dim: int = 8192, rows: int = 22938, density: float = 0.10,
-                 gap_s: float = 4e-4, calls: int = 60, log: Callable[[str], None] = print,
-                 prefetch: tuple[bool, ...] = (False,)) -> list[dict[str, Any]]:
-    """The cold kernel as the engine calls it: short predictor-mode calls separated by `gap_s` of host work
-    (the GPU's part of a layer), so thread wake-up costs show. Median per call, per thread count."""
-    from hotcold.accel.kernels import ColdKernel
+                 gap_s: float = 1.5e-4, calls: int = 200, layers: int = 10, log: Callable[[str], None] = print,
+                 kernels: tuple[tuple[int, bool], ...] = ((1, False),), huge: tuple[bool, ...] = (False,),
+                 read_peak: bool = True) -> list[dict[str, Any]]:
+    """The cold kernel as the engine calls it: one predictor-mode call per layer over `layers` layers' cold
+    rows (gigabytes, so nothing stays in cache or in the TLB), separated by `gap_s` of host work (the
+    GPU's part of a layer), so that thread wake-up costs show. Median per call, for each thread count x
+    `kernels` ((group, dynamic): neurons streamed side by side, dynamic schedule) x `huge` (rows in
+    huge-page memory or not).
 
-    g = torch.Generator().manual_seed(0)
-    gate = (torch.randn(rows, dim, generator=g) * dim ** -0.5).to(torch.float16)
-    ud = (torch.randn(rows, 2 * dim, generator=g) * dim ** -0.5).to(torch.float16)
-    x = torch.randn(dim, generator=g)
+    With `read_peak`, each memory kind's plain read rate is measured too (a parallel numba sum over all
+    the rows: the most a kernel could read here), as rows with group 0."""
+    from hotcold.accel.kernels import ColdKernel, host_empty
+
     rng = np.random.default_rng(0)
-    sels = [torch.from_numpy((rng.random(rows) < density).astype(np.uint8)) for _ in range(8)]
+    pattern = torch.from_numpy((rng.standard_normal((64, 3 * dim)) * dim ** -0.5).astype(np.float16))
+    sels = [[torch.from_numpy((rng.random(rows) < density).astype(np.uint8)) for _ in range(4)] for _ in range(layers)]
+    x = torch.from_numpy(rng.standard_normal(dim).astype(np.float32))
     out = []
-    for th, pf in [(t_, p_) for t_ in threads for p_ in prefetch]:
-        k = ColdKernel(dim, "numba", th, pf)
-        k.warm_up(torch.float16)
-        ts, nbytes = [], 0
-        for i in range(calls):
-            t_end = time.perf_counter() + gap_s
-            while time.perf_counter() < t_end:
-                pass
-            t0 = time.perf_counter()
-            r = k(x, gate, ud, "predictor", mask=sels[i % 8])
-            ts.append(time.perf_counter() - t0)
-            nbytes = r.bytes_read
-        med = statistics.median(ts[5:])
-        row = {"threads": th, "prefetch": pf, "ms_median": med * 1e3, "ms_mean": 1e3 * sum(ts[5:]) / len(ts[5:]),
-               "GBps_median": nbytes / med / 1e9, "env": {k_: os.environ.get(k_) for k_ in
-                                                          ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")}}
-        out.append(row)
-        log(f"call pattern t={th} prefetch={pf}: {row['ms_median']:.3f} ms median, {row['ms_mean']:.3f} mean, "
-            f"{row['GBps_median']:.1f} GB/s  {row['env']}")
+    for hg in huge:
+        t0 = time.perf_counter()
+        mem = []
+        for _ in range(layers):
+            gate, ud = host_empty((rows, dim), torch.float16, hg), host_empty((rows, 2 * dim), torch.float16, hg)
+            for r0 in range(0, rows, 64):  # written, not just allocated: every page is backed
+                n = min(64, rows - r0)
+                gate[r0:r0 + n] = pattern[:n, :dim]
+                ud[r0:r0 + n] = pattern[:n, dim:]
+            mem.append((gate, ud))
+        log(f"call pattern: {layers} layers x {rows} cold rows ({'huge pages' if hg else '4 KiB pages'}) "
+            f"written in {time.perf_counter() - t0:.1f} s; {_anon_huge_kb() / 2**20:.1f} GiB AnonHugePages")
+        if read_peak:
+            out.append(_read_peak(mem, hg, threads[0], log))
+        for th, (gr, dy) in [(t_, k_) for t_ in threads for k_ in kernels]:
+            k = ColdKernel(dim, "numba", th, gr, dy)
+            k.warm_up(torch.float16)
+            ts, nb = [], []
+            for i in range(calls + 20):
+                layer = i % layers
+                t_end = time.perf_counter() + gap_s
+                while time.perf_counter() < t_end:
+                    pass
+                t0 = time.perf_counter()
+                r = k(x, mem[layer][0], mem[layer][1], "predictor", mask=sels[layer][(i // layers) % 4])
+                if i >= 20:
+                    ts.append(time.perf_counter() - t0)
+                    nb.append(r.bytes_read)
+            med = statistics.median(ts)
+            row = {"threads": th, "group": gr, "dynamic": dy, "huge_pages": hg, "ms_median": med * 1e3,
+                   "ms_mean": 1e3 * sum(ts) / len(ts), "GBps_median": statistics.median(nb) / med / 1e9,
+                   "GBps_total": sum(nb) / sum(ts) / 1e9, "layers": layers, "gap_ms": gap_s * 1e3,
+                   "env": {k_: os.environ.get(k_) for k_ in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")}}
+            out.append(row)
+            log(f"call pattern t={th} group={gr} dynamic={dy} huge={hg}: {row['ms_median']:.3f} ms median, "
+                f"{row['ms_mean']:.3f} mean, {row['GBps_median']:.1f} GB/s (all calls {row['GBps_total']:.1f})  "
+                f"{row['env']}")
+        del mem
     return out
+
+
+def _anon_huge_kb() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_kernel() -> Any:
+    from numba import njit, prange
+
+    @njit(parallel=True, nogil=True, fastmath=True)
+    def rowsum(a, T):
+        C = a.shape[0]
+        parts = np.zeros(T, dtype=np.uint64)
+        for t in prange(T):
+            s = np.uint64(0)
+            for j in range(t * C // T, (t + 1) * C // T):
+                for k in range(a.shape[1]):
+                    s += a[j, k]
+            parts[t] = s
+        return parts.sum()
+
+    return rowsum
+
+
+def _read_peak(mem: list, huge: bool, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Every byte of the layers' rows read once by a parallel sum, contiguous per thread: the read ceiling."""
+    import numba
+
+    from hotcold.accel.kernels import _u16
+
+    numba.set_num_threads(threads)
+    f = _sum_kernel()
+    arrs = [_u16(t) for pair in mem for t in pair]
+    f(arrs[0][:64], threads)
+    nbytes = sum(a.nbytes for a in arrs)
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for a in arrs:
+            f(a, threads)
+        ts.append(time.perf_counter() - t0)
+    row = {"threads": threads, "group": 0, "huge_pages": huge, "kind": "read_peak", "GBps_median": nbytes / min(ts) / 1e9,
+           "bytes": nbytes}
+    log(f"read peak ({'huge' if huge else '4 KiB'} pages, {threads} threads, numba sum over {nbytes / 1e9:.1f} GB): "
+        f"{row['GBps_median']:.1f} GB/s")
+    return row
 
 
 def triton_gemv_probe(log: Callable[[str], None] = print) -> list[dict[str, Any]]:

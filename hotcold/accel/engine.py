@@ -125,7 +125,8 @@ class HybridEngine:
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, norm: torch.Tensor, head: torch.Tensor,
                  gpu_layers: list[GpuLayer], cpu_layers: list[CpuLayer], *, cold_mode: str = "exact",
                  max_len: int = 512, thresholds: list[float] | None = None, selector: Any = None,
-                 cpu_backend: str = "auto", cpu_threads: int | None = None, cpu_prefetch: bool | None = None,
+                 cpu_backend: str = "auto", cpu_threads: int | None = None, cpu_group: int | None = None,
+                 cpu_dynamic: bool | None = None,
                  graphs: bool = True, gpu_kernels: str = "auto",
                  stats: bool = False, stat_thresholds: list[float] | None = None, sparse_hot: bool = True):
         if cold_mode not in MODES:
@@ -145,7 +146,7 @@ class HybridEngine:
         self.sparse_hot = sparse_hot
         self.max_len = max_len
         self.selector = selector
-        self.kernel = ColdKernel(cfg.dim, cpu_backend, cpu_threads, cpu_prefetch)
+        self.kernel = ColdKernel(cfg.dim, cpu_backend, cpu_threads, cpu_group, cpu_dynamic)
         self.graphs_wanted = graphs and self.cuda
         self.stats_on = stats
         self.events_external = False

@@ -18,8 +18,10 @@ Two implementations with the same semantics:
   hottest-first, so contiguous chunks would give one thread all the dense work); in predictor mode each
   thread takes an equal share of the *active* slots (striding left the busiest of 16 threads ~15% above
   the mean, and the call lasts as long as its slowest thread); each keeps a private float32 accumulator of D
-  values, then the partials are summed. Optionally (`prefetch`) each thread prefetches its next
-  neuron's rows while computing the current one. Weights stay 16-bit in memory and are widened in registers:
+  values, then the partials are summed. With `group` = G > 1 a thread streams G neurons' rows side by side
+  in one loop (G DRAM streams in flight per core instead of one; software prefetch was tried instead in
+  run 3 and was 4× slower: the chunked loops lost their vectorisation). Weights stay 16-bit in memory and
+  are widened in registers:
   fp16 through LLVM's `fpext half` (one vcvtph2ps with F16C), bf16 by a 16-bit shift; numba itself
   has no float16 arithmetic, so the arrays are passed as uint16 and reinterpreted by two tiny
   intrinsics. float32 weights are read as they are.
@@ -32,6 +34,8 @@ number of active slots; `bytes_read` gives the bytes a call touched, for achieve
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -68,19 +72,76 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
+# ---- host memory for the cold rows -------------------------------------------------------------
+HUGE_PAGE = 2 << 20
+_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def transparent_hugepages() -> str:
+    """The kernel's THP setting ('always', 'madvise', 'never') or 'unavailable' (not Linux, no sysfs)."""
+    try:
+        text = open(_THP).read()
+    except OSError:
+        return "unavailable"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+
+
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = True) -> torch.Tensor:
+    """An uninitialised CPU tensor. With `huge` (and Linux THP not 'never'), large ones live in an anonymous
+    mapping advised MADV_HUGEPAGE and aligned to 2 MiB: the cold kernel reads 48 KB rows at random over
+    gigabytes, and with 4 KiB pages every 4 KiB of a row is a TLB miss (a two-level page walk in a VM)."""
+    n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if not huge or n < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or transparent_hugepages() in ("never",
+                                                                                                    "unavailable"):
+        return torch.empty(shape, dtype=dtype)
+    m = mmap.mmap(-1, n + HUGE_PAGE)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    buf = np.frombuffer(m, dtype=np.uint8)
+    off = (-buf.ctypes.data) % HUGE_PAGE
+    return torch.from_numpy(buf[off:off + n]).view(dtype).view(shape)  # the array keeps the mapping alive
+
+
+def to_host(t: torch.Tensor, dtype: torch.dtype | None = None, huge: bool = True) -> torch.Tensor:
+    """A contiguous CPU copy of `t` (any device) in `dtype`, in huge-page memory when `huge` (host_empty)."""
+    out = host_empty(tuple(t.shape), dtype or t.dtype, huge)
+    out.copy_(t)
+    return out
+
+
 # ---- numba -------------------------------------------------------------------------------------
+GROUPS = (1, 2, 4, 8)
+
+
+def default_group() -> int:
+    """Neurons a thread streams side by side: HOTCOLD_COLD_GROUP, else 4."""
+    v = os.environ.get("HOTCOLD_COLD_GROUP", "")
+    return int(v) if v.strip() else 4
+
+
+def default_dynamic() -> bool:
+    """Dynamic schedule in predictor mode: HOTCOLD_COLD_DYNAMIC=1, else static."""
+    return os.environ.get("HOTCOLD_COLD_DYNAMIC", "0") not in ("", "0")
+
+
 @lru_cache(maxsize=None)
-def _numba_kernels(kind: str, prefetch: bool = False) -> Any:
+def _numba_kernels(kind: str, group: int = 1, dynamic: bool = False) -> Any:
     """Compile the kernel for weights stored as `kind` (float16 | bfloat16 | float32).
 
-    prefetch: issue software prefetches for the thread's next neuron while computing the current one
-    (one per 64 elements of each row), so several DRAM streams are in flight per core.
+    group: in exact and predictor mode each thread streams the rows of `group` neurons side by side
+    (one loop reads gate row j0 and j1 ... together), so that a core keeps several DRAM streams in
+    flight instead of one, and reads and writes its accumulator once per group for the down rows.
+    Threshold mode always goes one neuron at a time (its up/down reads depend on the gate's outcome).
+    dynamic: in predictor mode threads take chunks of CHUNK slots from a shared atomic counter instead of
+    an equal share of the active slots each (a thread slowed by its memory or by the hypervisor then
+    does less; the partial sums' order, so y's last bits, can differ from call to call).
     """
     import numba
     from llvmlite import ir
     from numba import njit, prange, types
-    from numba.core import cgutils
     from numba.extending import intrinsic
+
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {GROUPS}, not {group}")
 
     @intrinsic
     def _h2f(typingctx, v):  # uint16 holding fp16 bits -> float32
@@ -102,24 +163,12 @@ def _numba_kernels(kind: str, prefetch: bool = False) -> Any:
         return sig, codegen
 
     @intrinsic
-    def _prefetch(typingctx, arr, i, k):  # prefetch &arr[i, k] into all cache levels (llvm.prefetch)
-        sig = types.void(arr, i, k)
+    def _fetch_add(typingctx, arr, val):  # atomically arr[0] += val; returns the old value
+        sig = types.int64(arr, types.int64)
 
         def codegen(context, builder, signature, args):
             ary = context.make_array(signature.args[0])(context, builder, args[0])
-            i64, i32 = ir.IntType(64), ir.IntType(32)
-            st0 = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
-            isz = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
-            ii = builder.sext(args[1], i64) if args[1].type.width < 64 else args[1]
-            kk = builder.sext(args[2], i64) if args[2].type.width < 64 else args[2]
-            off = builder.add(builder.mul(ii, st0), builder.mul(kk, ir.Constant(i64, isz)))
-            i8p = ir.IntType(8).as_pointer()
-            ptr = builder.inttoptr(builder.add(builder.ptrtoint(ary.data, i64), off), i8p)
-            name = "llvm.prefetch.p0" if str(i8p) == "ptr" else "llvm.prefetch.p0i8"
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                                name)
-            builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-            return context.get_dummy_value()
+            return builder.atomic_rmw("add", ary.data, args[1], "monotonic")
 
         return sig, codegen
 
@@ -132,22 +181,147 @@ def _numba_kernels(kind: str, prefetch: bool = False) -> Any:
         def widen(v):
             return v
 
-    PF = prefetch
-    CH = 64  # elements per chunk (one prefetch each); D is a multiple of 64 for every real model
-
     # reassociation lets LLVM vectorise the dot products; no 'ninf': exp(-g) may overflow to inf
-    @njit(parallel=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, nogil=True, cache=False)
-    def cold_ffn(x, gate, up_down, mask, thr, mode, parts, y, active):
-        """mode 0 exact, 1 threshold, 2 predictor (mask[j] != 0 selects slot j). Returns #active."""
+    FM = {"reassoc", "contract", "arcp", "nsz"}
+    G = group
+    DYN = dynamic
+    CHUNK = 64  # slots per grab (~6 active neurons at 10% density: ~60 µs of one thread's work at 70B shape)
+
+    @njit(inline="always", fastmath=FM)
+    def silu(g):
+        return g / (np.float32(1.0) + np.exp(-g))
+
+    @njit(inline="always", fastmath=FM)
+    def dot1(w, j, x):
+        s = np.float32(0.0)
+        for k in range(x.shape[0]):
+            s += widen(w[j, k]) * x[k]
+        return s
+
+    @njit(inline="always", fastmath=FM)
+    def dot2(w, j0, j1, x):
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        for k in range(x.shape[0]):
+            xk = x[k]
+            s0 += widen(w[j0, k]) * xk
+            s1 += widen(w[j1, k]) * xk
+        return s0, s1
+
+    @njit(inline="always", fastmath=FM)
+    def dot4(w, j0, j1, j2, j3, x):
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        s2 = np.float32(0.0)
+        s3 = np.float32(0.0)
+        for k in range(x.shape[0]):
+            xk = x[k]
+            s0 += widen(w[j0, k]) * xk
+            s1 += widen(w[j1, k]) * xk
+            s2 += widen(w[j2, k]) * xk
+            s3 += widen(w[j3, k]) * xk
+        return s0, s1, s2, s3
+
+    @njit(inline="always", fastmath=FM)
+    def dot8(w, j, x):  # j: 8 slots
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+        j0, j1, j2, j3, j4, j5, j6, j7 = j[0], j[1], j[2], j[3], j[4], j[5], j[6], j[7]
+        for k in range(x.shape[0]):
+            xk = x[k]
+            s0 += widen(w[j0, k]) * xk
+            s1 += widen(w[j1, k]) * xk
+            s2 += widen(w[j2, k]) * xk
+            s3 += widen(w[j3, k]) * xk
+            s4 += widen(w[j4, k]) * xk
+            s5 += widen(w[j5, k]) * xk
+            s6 += widen(w[j6, k]) * xk
+            s7 += widen(w[j7, k]) * xk
+        return s0, s1, s2, s3, s4, s5, s6, s7
+
+    @njit(inline="always", fastmath=FM)
+    def eight(x, gate, up_down, acc, j, D):
+        g = dot8(gate, j, x)
+        u = dot8(up_down, j, x)
+        a0, a1, a2, a3 = silu(g[0]) * u[0], silu(g[1]) * u[1], silu(g[2]) * u[2], silu(g[3]) * u[3]
+        a4, a5, a6, a7 = silu(g[4]) * u[4], silu(g[5]) * u[5], silu(g[6]) * u[6], silu(g[7]) * u[7]
+        j0, j1, j2, j3, j4, j5, j6, j7 = j[0], j[1], j[2], j[3], j[4], j[5], j[6], j[7]
+        for k in range(D):
+            acc[k] += (a0 * widen(up_down[j0, D + k]) + a1 * widen(up_down[j1, D + k])
+                       + a2 * widen(up_down[j2, D + k]) + a3 * widen(up_down[j3, D + k])
+                       + a4 * widen(up_down[j4, D + k]) + a5 * widen(up_down[j5, D + k])
+                       + a6 * widen(up_down[j6, D + k]) + a7 * widen(up_down[j7, D + k]))
+
+    @njit(inline="always", fastmath=FM)
+    def one(x, gate, up_down, acc, j, D):
+        a = silu(dot1(gate, j, x)) * dot1(up_down, j, x)
+        for k in range(D):
+            acc[k] += a * widen(up_down[j, D + k])
+
+    @njit(inline="always", fastmath=FM)
+    def two(x, gate, up_down, acc, j0, j1, D):
+        g0, g1 = dot2(gate, j0, j1, x)
+        u0, u1 = dot2(up_down, j0, j1, x)
+        a0 = silu(g0) * u0
+        a1 = silu(g1) * u1
+        for k in range(D):
+            acc[k] += a0 * widen(up_down[j0, D + k]) + a1 * widen(up_down[j1, D + k])
+
+    @njit(inline="always", fastmath=FM)
+    def four(x, gate, up_down, acc, j0, j1, j2, j3, D):
+        g0, g1, g2, g3 = dot4(gate, j0, j1, j2, j3, x)
+        u0, u1, u2, u3 = dot4(up_down, j0, j1, j2, j3, x)
+        a0 = silu(g0) * u0
+        a1 = silu(g1) * u1
+        a2 = silu(g2) * u2
+        a3 = silu(g3) * u3
+        for k in range(D):
+            acc[k] += (a0 * widen(up_down[j0, D + k]) + a1 * widen(up_down[j1, D + k])
+                       + a2 * widen(up_down[j2, D + k]) + a3 * widen(up_down[j3, D + k]))
+
+    @njit(parallel=True, fastmath=FM, nogil=True, cache=False)
+    def cold_ffn(x, gate, up_down, mask, thr, mode, parts, y, active, ctr):
+        """mode 0 exact, 1 threshold, 2 predictor (mask[j] != 0 selects slot j). Returns #active.
+        ctr: int64 [1], the dynamic schedule's shared counter (zeroed here)."""
         C = gate.shape[0]
         D = x.shape[0]
         T = parts.shape[0]
-        chunked = PF and D % CH == 0
+        ctr[0] = 0
         for t in prange(T):
             acc = parts[t]
             for k in range(D):
                 acc[k] = 0.0
-            if mode == 2:
+            cnt = 0
+            n = 0
+            mine = np.empty(G, dtype=np.int64)
+            if DYN and mode == 2:
+                # grab CHUNK slots at a time; active ones queue up until a group is full
+                while True:
+                    s0 = _fetch_add(ctr, np.int64(CHUNK))
+                    if s0 >= C:
+                        break
+                    for j in range(s0, min(C, s0 + CHUNK)):
+                        if mask[j] != 0:
+                            mine[n] = j
+                            n += 1
+                            if n == G:
+                                if G == 8:
+                                    eight(x, gate, up_down, acc, mine, D)
+                                elif G == 4:
+                                    four(x, gate, up_down, acc, mine[0], mine[1], mine[2], mine[3], D)
+                                elif G == 2:
+                                    two(x, gate, up_down, acc, mine[0], mine[1], D)
+                                else:
+                                    one(x, gate, up_down, acc, mine[0], D)
+                                for i in range(G):
+                                    active[mine[i]] = 1
+                                cnt += G
+                                n = 0
+                for i in range(n):
+                    one(x, gate, up_down, acc, mine[i], D)
+                    active[mine[i]] = 1
+                cnt += n
+                n = 0
+            elif mode == 2:
                 # predictor: every active slot costs the same bytes, so each thread takes an equal share of
                 # them in slot order (the mask is counted by every thread: a few µs, no second barrier)
                 ntot = 0
@@ -182,43 +356,38 @@ def _numba_kernels(kind: str, prefetch: bool = False) -> Any:
                 for j in range(t, C, T):
                     mine[n] = j
                     n += 1
-            cnt = 0
-            for ii in range(n):
-                j = mine[ii]
-                jn = mine[ii + 1] if ii + 1 < n else j
-                g = np.float32(0.0)
-                if chunked:
-                    for c in range(0, D, CH):
-                        _prefetch(gate, jn, c)
-                        for k in range(c, c + CH):
-                            g += widen(gate[j, k]) * x[k]
-                else:
-                    for k in range(D):
-                        g += widen(gate[j, k]) * x[k]
-                s = g / (np.float32(1.0) + np.exp(-g))
-                if mode == 1 and abs(s) <= thr:
-                    active[j] = 0
-                    continue
-                u = np.float32(0.0)
-                if chunked:
-                    for c in range(0, D, CH):
-                        _prefetch(up_down, jn, c)
-                        for k in range(c, c + CH):
-                            u += widen(up_down[j, k]) * x[k]
-                else:
-                    for k in range(D):
-                        u += widen(up_down[j, k]) * x[k]
-                a = s * u
-                if chunked:
-                    for c in range(0, D, CH):
-                        _prefetch(up_down, jn, D + c)
-                        for k in range(c, c + CH):
-                            acc[k] += a * widen(up_down[j, D + k])
-                else:
+            if mode == 1:
+                for ii in range(n):
+                    j = mine[ii]
+                    s = silu(dot1(gate, j, x))
+                    if abs(s) <= thr:
+                        active[j] = 0
+                        continue
+                    a = s * dot1(up_down, j, x)
                     for k in range(D):
                         acc[k] += a * widen(up_down[j, D + k])
-                active[j] = 1
-                cnt += 1
+                    active[j] = 1
+                    cnt += 1
+            elif n > 0:
+                ii = 0
+                if G == 8:
+                    while ii + 8 <= n:
+                        eight(x, gate, up_down, acc, mine[ii:ii + 8], D)
+                        ii += 8
+                if G >= 4:
+                    while ii + 4 <= n:
+                        four(x, gate, up_down, acc, mine[ii], mine[ii + 1], mine[ii + 2], mine[ii + 3], D)
+                        ii += 4
+                if G >= 2:
+                    while ii + 2 <= n:
+                        two(x, gate, up_down, acc, mine[ii], mine[ii + 1], D)
+                        ii += 2
+                while ii < n:
+                    one(x, gate, up_down, acc, mine[ii], D)
+                    ii += 1
+                for ii in range(n):
+                    active[mine[ii]] = 1
+                cnt += n
             parts[t, D] = cnt  # the count rides in the spare last column
         total = 0
         for t in range(T):
@@ -235,6 +404,14 @@ def _numba_kernels(kind: str, prefetch: bool = False) -> Any:
                 y[k] = v
         return total
 
+    return cold_ffn
+
+
+@lru_cache(maxsize=None)
+def _numba_rows() -> tuple[Any, Any]:
+    """gather_rows, scatter_rows (numba specialises them per dtype on first call)."""
+    from numba import njit, prange
+
     @njit(parallel=True, nogil=True, cache=False)
     def gather_rows(src, idx, dst):
         """dst[i] = src[idx[i]] for 2-D arrays (parallel over rows)."""
@@ -247,7 +424,7 @@ def _numba_kernels(kind: str, prefetch: bool = False) -> Any:
         for i in prange(idx.shape[0]):
             dst[idx[i], :] = src[i, :]
 
-    return cold_ffn, gather_rows, scatter_rows, numba.get_num_threads()
+    return gather_rows, scatter_rows
 
 
 def _u16(t: torch.Tensor) -> np.ndarray:
@@ -276,9 +453,16 @@ class ColdKernel:
     Call with CPU tensors: gate [C, D], up_down [C, 2D] (same dtype), x [D] float32 (contiguous).
     """
 
-    def __init__(self, dim: int, backend: str = "auto", threads: int | None = None, prefetch: bool | None = None):
+    def __init__(self, dim: int, backend: str = "auto", threads: int | None = None, group: int | None = None,
+                 dynamic: bool | None = None):
         self.backend = resolve_backend(backend)
-        self.prefetch = (os.environ.get("HOTCOLD_PREFETCH", "0") not in ("", "0")) if prefetch is None else prefetch
+        self.group = default_group() if group is None else int(group)
+        self.dynamic = default_dynamic() if dynamic is None else bool(dynamic)
+        self._ctr = np.zeros(1, dtype=np.int64)
+        if self.group not in GROUPS:
+            from hotcold.errors import InputError
+
+            raise InputError(f"cold kernel group {self.group} is not supported", f"use one of {GROUPS}")
         self.dim = dim
         self.threads = threads
         self.y = torch.zeros(dim, dtype=torch.float32)
@@ -299,7 +483,7 @@ class ColdKernel:
         for mode in MODES:
             self(x, g, ud, mode, mask=torch.ones(2, dtype=torch.uint8), thr=0.0, active=act)
         if self.backend == "numba":
-            _, gather, scatter, _ = _numba_kernels(_KIND[dtype], False)  # gather_rows/scatter_rows' key
+            gather, scatter = _numba_rows()
             a = _u16(ud)
             gather(a, np.zeros(1, np.int64), a[:1].copy())
             scatter(a.copy(), np.zeros(1, np.int64), a[:1].copy())
@@ -324,10 +508,10 @@ class ColdKernel:
             y.zero_()
             n = 0
         elif self.backend == "numba":
-            fn = _numba_kernels(_KIND[gate.dtype], self.prefetch)[0]
+            fn = _numba_kernels(_KIND[gate.dtype], self.group, self.dynamic)
             m = mask if mask is not None else active
             n = fn(x.numpy(), _u16(gate), _u16(up_down), m.numpy(), np.float32(thr), _MODE_ID[mode],
-                   self._parts, y.numpy(), active.numpy())
+                   self._parts, y.numpy(), active.numpy(), self._ctr)
         else:
             n = self._torch(x, gate, up_down, mode, mask, thr, active, y)
         dt = time.perf_counter() - t0
@@ -367,8 +551,7 @@ class ColdKernel:
 def gather_rows(src: torch.Tensor, idx: np.ndarray, dst: torch.Tensor, backend: str) -> None:
     """dst[i] = src[idx[i]] for CPU tensors (parallel with numba)."""
     if backend == "numba" and src.dtype in _KIND:
-        # the same cache key as the engine's kernel (prefetch=False): another key compiles all kernels again
-        _numba_kernels(_KIND[src.dtype], False)[1](_u16(src), np.ascontiguousarray(idx, dtype=np.int64), _u16(dst))
+        _numba_rows()[0](_u16(src), np.ascontiguousarray(idx, dtype=np.int64), _u16(dst))
     else:
         torch.index_select(src, 0, torch.from_numpy(np.asarray(idx, dtype=np.int64)), out=dst)
 
@@ -376,6 +559,6 @@ def gather_rows(src: torch.Tensor, idx: np.ndarray, dst: torch.Tensor, backend: 
 def scatter_rows(dst: torch.Tensor, idx: np.ndarray, src: torch.Tensor, backend: str) -> None:
     """dst[idx[i]] = src[i] for CPU tensors."""
     if backend == "numba" and dst.dtype in _KIND:
-        _numba_kernels(_KIND[dst.dtype], False)[2](_u16(dst), np.ascontiguousarray(idx, dtype=np.int64), _u16(src))
+        _numba_rows()[1](_u16(dst), np.ascontiguousarray(idx, dtype=np.int64), _u16(src))
     else:
         dst[torch.from_numpy(np.asarray(idx, dtype=np.int64))] = src
