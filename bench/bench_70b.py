@@ -83,7 +83,6 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the Triton-vs-torch logits check")
     ap.add_argument("--cpu-group", type=int, help="neurons the cold kernel streams side by side (1, 2, 4, 8)")
     ap.add_argument("--cpu-dynamic", action="store_true", help="the cold kernel's dynamic schedule (predictor mode)")
-    ap.add_argument("--no-huge-pages", action="store_true", help="cold rows in ordinary 4 KiB-page memory")
     ap.add_argument("--cpu-rate-gbps", type=float,
                     help="the cold kernel's rate in the engine's call pattern (from the probe): the measured "
                          "HardwareSpec's cpu.bandwidth")
@@ -96,9 +95,8 @@ def main() -> None:
 
         n = os.cpu_count() or 1
         dim, rows, layers = (int(v) for v in a.probe_size.split(","))
-        kernels = ((1, False), (4, False), (8, False), (4, True), (8, True))
-        save_json(call_pattern((n,), dim=dim, rows=rows, layers=layers, kernels=kernels, huge=(False, True), log=log),
-                  a.call_pattern)
+        kernels = ((1, False), (4, False), (4, True), (8, True))
+        save_json(call_pattern((n,), dim=dim, rows=rows, layers=layers, kernels=kernels, log=log), a.call_pattern)
         return
     if a.probe_threads or a.use_probe:
         probe(a)
@@ -113,7 +111,7 @@ def main() -> None:
                         tokens=a.tokens, dyn_tokens=a.dyn_tokens, max_len=a.max_len, profiles=profiles,
                         hardware=a.hardware, runs=tuple(a.runs.split(",")), cpu_threads=a.cpu_threads, log=log,
                         gpu_kernels=a.gpu_kernels, dyn_margin=a.dyn_margin, check=not a.no_check,
-                        cpu_group=a.cpu_group, cpu_dynamic=a.cpu_dynamic, cpu_huge_pages=not a.no_huge_pages)
+                        cpu_group=a.cpu_group, cpu_dynamic=a.cpu_dynamic)
     if a.prepare:
         cfg = shape(opts.shape).replace(n_layers=opts.n_layers, max_seq_len=max(opts.max_len, 64))
         hw = resolve(preset_name=a.hardware) if not a.hardware.endswith(".json") else resolve(path=a.hardware)
@@ -136,14 +134,14 @@ def main() -> None:
     calib = {"command": command, "env": env(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     log(json.dumps({k: v for k, v in calib["env"].items() if k not in ("lscpu",)}, default=str)[:1500])
     save_json(calib, out / "calib.json")
-    if not a.skip_calib:
-        from hotcold.accel.calib import cold_kernel_table, device_numbers, measured_spec
+    from hotcold.accel.calib import cold_kernel_table, device_numbers, measured_spec
 
-        try:
-            calib["device"] = device_numbers(log)
-        except Exception as ex:  # noqa: BLE001 - keep going, record what broke
-            calib["device_error"] = repr(ex)
-        save_json(calib, out / "calib.json")
+    try:  # seconds: always (the machine floor and the measured HardwareSpec need it)
+        calib["device"] = device_numbers(log)
+    except Exception as ex:  # noqa: BLE001 - keep going, record what broke
+        calib["device_error"] = repr(ex)
+    save_json(calib, out / "calib.json")
+    if not a.skip_calib:
         try:
             from hotcold.accel.calib import triton_gemv_probe
 
@@ -152,34 +150,39 @@ def main() -> None:
             calib["gemv_probe_error"] = repr(ex)
         try:
             n = os.cpu_count() or 1
-            calib["cold_kernel"] = cold_kernel_table(threads=(a.cpu_threads or max(1, n - 2),), log=log,
+            calib["cold_kernel"] = cold_kernel_table(threads=(a.cpu_threads or n,), log=log,
                                                      backends=("numba",), dtypes=("float16",))
         except Exception as ex:  # noqa: BLE001
             calib["cold_kernel_error"] = repr(ex)
         save_json(calib, out / "calib.json")
-        rows = [r for r in calib.get("cold_kernel", []) if r["dtype"] == "float16" and r["mode"] == "predictor"
-                and r["backend"] == "numba"]
-        dev_m = calib.get("device", {})
-        if rows and "gpu_gemv_GBps" in dev_m:
-            # the CPU rate the engine gets (the probe's call pattern) when known, else the kernel table's
-            spec = measured_spec(dev_m, a.cpu_rate_gbps or max(r["GBps"] for r in rows))
-            spec.save(out / "hw_measured.json")
-            opts.predict_hw = [("measured_hw", spec)]
-        if "gpu_copy_GBps_read_plus_write" in dev_m:
-            import dataclasses
+    rows = [r for r in calib.get("cold_kernel", []) if r["dtype"] == "float16" and r["mode"] == "predictor"
+            and r["backend"] == "numba"]
+    dev_m = dict(calib.get("device", {}))
+    gemv = [r["GBps"] for r in calib.get("gemv_probe", []) if "GBps" in r]
+    if gemv:  # the engine's GEMVs are Triton's where it is there: the better of the two rates
+        dev_m["gpu_gemv_GBps"] = max(gemv + [dev_m.get("gpu_gemv_GBps", 0.0)])
+    cpu_rate = a.cpu_rate_gbps or max((r["GBps"] for r in rows), default=None)
+    if cpu_rate and "gpu_gemv_GBps" in dev_m:
+        # the CPU rate the engine gets (the probe's call pattern) when known, else the kernel table's
+        spec = measured_spec(dev_m, cpu_rate)
+        spec.save(out / "hw_measured.json")
+        opts.predict_hw = [("measured_hw", spec)]
+    if "gpu_copy_GBps_read_plus_write" in dev_m:
+        import dataclasses
 
-            from hotcold.solver.hardware import preset
+        from hotcold.solver.hardware import preset
 
-            # this machine's ceilings: device copy rate, and the CPU read peak (probe) or torch's sum
-            base = preset("h200")
-            cpu_read = a.cpu_read_gbps or dev_m.get("cpu_sum_GBps")
-            opts.floor_hw = dataclasses.replace(
-                base, name="this-machine-ceilings",
-                gpu=dataclasses.replace(base.gpu, bandwidth=dev_m["gpu_copy_GBps_read_plus_write"] * 1e9),
-                cpu=dataclasses.replace(base.cpu, bandwidth=cpu_read * 1e9))
-            calib["machine_floor"] = {"gpu_GBps": dev_m["gpu_copy_GBps_read_plus_write"], "cpu_GBps": cpu_read,
-                                      "cpu_source": "probe read peak (numba sum)" if a.cpu_read_gbps else "torch sum"}
-            save_json(calib, out / "calib.json")
+        # this machine's ceilings: device copy rate, and the CPU read ceiling (probe) or torch's sum
+        base = preset("h200")
+        cpu_read = a.cpu_read_gbps or dev_m.get("cpu_sum_GBps")
+        opts.floor_hw = dataclasses.replace(
+            base, name="this-machine-ceilings",
+            gpu=dataclasses.replace(base.gpu, bandwidth=dev_m["gpu_copy_GBps_read_plus_write"] * 1e9),
+            cpu=dataclasses.replace(base.cpu, bandwidth=cpu_read * 1e9))
+        calib["machine_floor"] = {"gpu_GBps": dev_m["gpu_copy_GBps_read_plus_write"], "cpu_GBps": cpu_read,
+                                  "cpu_source": ("probe read ceiling (calib.read_ceiling)" if a.cpu_read_gbps
+                                                 else "torch sum")}
+        save_json(calib, out / "calib.json")
     if a.calib_only:
         return
     res_path = out / "bench_70b.json"
@@ -232,8 +235,7 @@ def probe(a) -> None:
         best = min(kernel_rows, key=lambda r: r["ms_median"])
         best_env = variants[best["variant"]]
         log(f"best cold kernel: {best['variant']} threading, {best['threads']} threads, group {best.get('group', 1)}, "
-            f"{'dynamic' if best.get('dynamic') else 'static'} schedule, "
-            f"{'huge' if best.get('huge_pages') else '4 KiB'} pages ({best['ms_median']:.3f} ms per call, "
+            f"{'dynamic' if best.get('dynamic') else 'static'} schedule ({best['ms_median']:.3f} ms per call, "
             f"{best['GBps_median']:.1f} GB/s); read peak {max(peaks, default=0):.1f} GB/s")
         for flag, val in (("--cpu-threads", best["threads"]), ("--cpu-group", best.get("group", 1)),
                           ("--cpu-rate-gbps", round(best["GBps_median"], 2))):
@@ -241,8 +243,6 @@ def probe(a) -> None:
                 argv += [flag, str(val)]
         if best.get("dynamic") and "--cpu-dynamic" not in argv:
             argv.append("--cpu-dynamic")
-        if not best.get("huge_pages") and "--no-huge-pages" not in argv:
-            argv.append("--no-huge-pages")
     if peaks and "--cpu-read-gbps" not in argv:
         argv += ["--cpu-read-gbps", str(round(max(peaks), 2))]
     os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **best_env})

@@ -83,19 +83,6 @@ def test_cold_kernel_modes(backend, group, dynamic, dtype, mode):
     assert r.bytes_read > 0
 
 
-def test_host_memory_for_cold_rows():
-    from hotcold.accel.kernels import HUGE_PAGE, host_empty, to_host, transparent_hugepages
-
-    src = torch.randn(1500, 1024).to(torch.bfloat16)  # 3 MB: past one huge page
-    t = to_host(src)
-    assert t.dtype == torch.bfloat16 and t.shape == src.shape and t.is_contiguous() and torch.equal(t, src)
-    if transparent_hugepages() in ("always", "madvise"):
-        assert t.data_ptr() % HUGE_PAGE == 0  # its own mapping, aligned so that huge pages can back all of it
-    small = host_empty((3, 4), torch.float32)
-    assert small.shape == (3, 4)
-    assert torch.equal(to_host(src, torch.float32, huge=False), src.float())
-
-
 def test_predictor_mode_with_oracle_equals_threshold_mode(src):
     from hotcold.accel.selectors import OracleSelector
 

@@ -289,7 +289,6 @@ class BenchOptions:
     cpu_threads: int | None = None
     cpu_group: int | None = None  # neurons the cold kernel streams side by side (None: its default)
     cpu_dynamic: bool | None = None  # the cold kernel's dynamic schedule (None: its default)
-    cpu_huge_pages: bool = True  # cold rows in huge-page memory (hotcold.accel.kernels.host_empty)
     seed: int = 0
     dyn_every: int = 16
     dyn_max_swaps: int = 512
@@ -307,7 +306,6 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     from hotcold.accel import workload as wl
     from hotcold.accel.build import split_layer
     from hotcold.accel.engine import HybridEngine
-    from hotcold.accel.kernels import transparent_hugepages
     from hotcold.accel.selectors import SampledPredictor
     from hotcold.memory import canonical_dtype, default_predictor_rank
     from hotcold.model.config import shape
@@ -325,8 +323,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     hw = resolve(path=o.hardware) if str(o.hardware).endswith(".json") else resolve(preset_name=o.hardware)
     rank = o.predictor_rank or default_predictor_rank(cfg)
     res: dict[str, Any] = {"benchmark": "hotcold bench: hybrid GPU+CPU decode vs baselines, batch 1",
-                           "cpu_kernel": {"backend": o.cpu_backend, "threads": o.cpu_threads, "group": o.cpu_group, "dynamic": o.cpu_dynamic, "huge_pages": o.cpu_huge_pages,
-                                          "transparent_hugepages": transparent_hugepages(),
+                           "cpu_kernel": {"backend": o.cpu_backend, "threads": o.cpu_threads, "group": o.cpu_group, "dynamic": o.cpu_dynamic,
                                           "numba_threading_layer": os.environ.get("NUMBA_THREADING_LAYER"),
                                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
                            "weights": "random (generated on the device); not a trained model",
@@ -371,7 +368,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         for l in range(cfg.n_layers):
             t = dict(layers[l])
             t["cold_ids"] = cold_ids[l]
-            g, c = split_layer(t, hot_ids[l], cfg.n_ff, dev, tdtype, huge=o.cpu_huge_pages)
+            g, c = split_layer(t, hot_ids[l], cfg.n_ff, dev, tdtype)
             gls.append(g)
             cls.append(c)
         return HybridEngine(cfg, glob["tok_embeddings"], glob["norm"], glob["output"], gls, cls, cold_mode=mode,

@@ -15,18 +15,16 @@ import numpy as np
 import torch
 
 from hotcold.accel.engine import CpuLayer, GpuLayer, HybridEngine
-from hotcold.accel.kernels import to_host
 from hotcold.model.config import ModelConfig
 from hotcold.model.weights import WeightSource
 
 
 def split_layer(t: dict[str, torch.Tensor], hot_ids: np.ndarray, n_ff: int, device, dtype: torch.dtype,
-                pin: bool = False, huge: bool = True) -> tuple[GpuLayer, CpuLayer]:
+                pin: bool = False) -> tuple[GpuLayer, CpuLayer]:
     """One layer's dense tensors (our names, any device) -> its GPU and CPU parts.
 
     hot_ids: neuron ids on the GPU, in slot order; the others go to the CPU in the order of
     `cold_order(hot_ids)` (ascending id unless `t` carries an explicit "cold_ids").
-    huge: the cold rows in huge-page memory (kernels.host_empty); pin: in pinned memory instead.
     """
     hot = torch.as_tensor(np.asarray(hot_ids, dtype=np.int64))
     cold_np = t.get("cold_ids")
@@ -46,9 +44,8 @@ def split_layer(t: dict[str, torch.Tensor], hot_ids: np.ndarray, n_ff: int, devi
         bqkv=(torch.cat([t["bq"], t["bk"], t["bv"]]).to(device, dtype) if "bq" in t else None),
         hot_gu=hot_gu.to(device, dtype).contiguous(), hot_down=hot_down.to(device, dtype).contiguous(),
         hot_ids=hot.numpy().copy())
-    gate = to_host(wg.index_select(0, cold_d), dtype, huge and not pin)
-    up_down = to_host(torch.cat([wu.index_select(0, cold_d), wd.index_select(1, cold_d).t()], dim=1), dtype,
-                      huge and not pin)
+    gate = wg.index_select(0, cold_d).to("cpu", dtype).contiguous()
+    up_down = torch.cat([wu.index_select(0, cold_d), wd.index_select(1, cold_d).t()], dim=1).to("cpu", dtype).contiguous()
     if pin:
         gate, up_down = gate.pin_memory(), up_down.pin_memory()
     return gl, CpuLayer(gate=gate, up_down=up_down, cold_ids=cold.numpy().copy())
@@ -80,12 +77,9 @@ def from_placement(src: WeightSource, placement, **kw: Any) -> HybridEngine:
                        cold_ids=[placement.cold_indices(l) for l in range(L)], **kw)
 
 
-def from_bundle(path: str | Path, *, device: str | torch.device = "cpu", resident: bool = False,
-                **engine_kw: Any) -> HybridEngine:
+def from_bundle(path: str | Path, *, device: str | torch.device = "cpu", **engine_kw: Any) -> HybridEngine:
     """An engine over an exported Bundle (hotcold.exporter.format): GPU part moved to `device`, CPU part
-    memory-mapped, or with `resident` copied into huge-page memory (kernels.host_empty: the cold kernel's
-    random row reads then miss the TLB far less; a `split`-layout bundle is always re-bundled that way).
-    The manifest is read and the files' hashes checked first."""
+    memory-mapped. The manifest is read and the files' hashes checked first."""
     from hotcold.artifacts import read_manifest, verify_files
     from hotcold.exporter.format import CPU_FILE, FORMAT_VERSION, GPU_FILE, KIND, NEURONS_FILE, mmap_tensors
 
@@ -107,12 +101,10 @@ def from_bundle(path: str | Path, *, device: str | torch.device = "cpu", residen
             hot_down=gt[p + "hot_down"].to(device).contiguous(), hot_ids=nt[p + "hot"].numpy().astype(np.int64)))
         if p + "cold_gate" in ct:  # the `bundled` CPU layout: used as written (memory-mapped)
             gate, up_down = ct[p + "cold_gate"], ct[p + "cold_up_down"]
-            if resident:
-                gate, up_down = to_host(gate), to_host(up_down)
         else:  # the `split` layout: re-bundled in memory
             c = int(nt[p + "cold"].numel())
             gu = ct[p + "cold_gate_up_t"].t()  # stored [D, 2c] (gemv layout); rows 0..c-1 gate, c..2c-1 up
-            gate, up_down = to_host(gu[:c]), to_host(torch.cat([gu[c:], ct[p + "cold_down"]], dim=1))
+            gate, up_down = gu[:c].contiguous(), torch.cat([gu[c:], ct[p + "cold_down"]], dim=1)
         cls.append(CpuLayer(gate=gate, up_down=up_down, cold_ids=nt[p + "cold"].numpy().astype(np.int64)))
     embed = gt["tok_embeddings"].to(device)
     head = embed if cfg.tie_embeddings else gt["output"].to(device)

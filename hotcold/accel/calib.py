@@ -159,115 +159,134 @@ def measured_spec(m: dict[str, Any], cold_GBps: float, name: str = "h200-measure
 
 def call_pattern(threads: tuple[int, ...], dim: int = 8192, rows: int = 22938, density: float = 0.10,
                  gap_s: float = 1.5e-4, calls: int = 200, layers: int = 10, log: Callable[[str], None] = print,
-                 kernels: tuple[tuple[int, bool], ...] = ((1, False),), huge: tuple[bool, ...] = (False,),
-                 read_peak: bool = True) -> list[dict[str, Any]]:
+                 kernels: tuple[tuple[int, bool], ...] = ((1, False),), read_peak: bool = True) -> list[dict[str, Any]]:
     """The cold kernel as the engine calls it: one predictor-mode call per layer over `layers` layers' cold
-    rows (gigabytes, so nothing stays in cache or in the TLB), separated by `gap_s` of host work (the
-    GPU's part of a layer), so that thread wake-up costs show. Median per call, for each thread count x
-    `kernels` ((group, dynamic): neurons streamed side by side, dynamic schedule) x `huge` (rows in
-    huge-page memory or not).
+    rows (gigabytes, so nothing stays in cache), separated by `gap_s` of host work (the GPU's part of a
+    layer), so that thread wake-up costs show. Median per call, for each thread count x `kernels`
+    ((group, dynamic): neurons streamed side by side, dynamic schedule).
 
-    With `read_peak`, each memory kind's plain read rate is measured too (a parallel numba sum over all
-    the rows: the most a kernel could read here), as rows with group 0."""
-    from hotcold.accel.kernels import ColdKernel, host_empty
+    With `read_peak`, the plain read rate of the same memory is measured too (`read_ceiling`), as a
+    row with group 0: the CPU side of the machine's floor."""
+    from hotcold.accel.kernels import ColdKernel
 
     rng = np.random.default_rng(0)
     pattern = torch.from_numpy((rng.standard_normal((64, 3 * dim)) * dim ** -0.5).astype(np.float16))
     sels = [[torch.from_numpy((rng.random(rows) < density).astype(np.uint8)) for _ in range(4)] for _ in range(layers)]
     x = torch.from_numpy(rng.standard_normal(dim).astype(np.float32))
+    t0 = time.perf_counter()
+    mem = []
+    for _ in range(layers):
+        gate, ud = torch.empty(rows, dim, dtype=torch.float16), torch.empty(rows, 2 * dim, dtype=torch.float16)
+        for r0 in range(0, rows, 64):  # written, not just allocated: every page is backed
+            n = min(64, rows - r0)
+            gate[r0:r0 + n] = pattern[:n, :dim]
+            ud[r0:r0 + n] = pattern[:n, dim:]
+        mem.append((gate, ud))
+    log(f"call pattern: {layers} layers x {rows} cold rows written in {time.perf_counter() - t0:.1f} s")
     out = []
-    for hg in huge:
-        t0 = time.perf_counter()
-        mem = []
-        for _ in range(layers):
-            gate, ud = host_empty((rows, dim), torch.float16, hg), host_empty((rows, 2 * dim), torch.float16, hg)
-            for r0 in range(0, rows, 64):  # written, not just allocated: every page is backed
-                n = min(64, rows - r0)
-                gate[r0:r0 + n] = pattern[:n, :dim]
-                ud[r0:r0 + n] = pattern[:n, dim:]
-            mem.append((gate, ud))
-        log(f"call pattern: {layers} layers x {rows} cold rows ({'huge pages' if hg else '4 KiB pages'}) "
-            f"written in {time.perf_counter() - t0:.1f} s; {_anon_huge_kb() / 2**20:.1f} GiB AnonHugePages")
-        if read_peak:
-            out.append(_read_peak(mem, hg, threads[0], log))
-        for th, (gr, dy) in [(t_, k_) for t_ in threads for k_ in kernels]:
-            k = ColdKernel(dim, "numba", th, gr, dy)
-            k.warm_up(torch.float16)
-            ts, nb = [], []
-            for i in range(calls + 20):
-                layer = i % layers
-                t_end = time.perf_counter() + gap_s
-                while time.perf_counter() < t_end:
-                    pass
-                t0 = time.perf_counter()
-                r = k(x, mem[layer][0], mem[layer][1], "predictor", mask=sels[layer][(i // layers) % 4])
-                if i >= 20:
-                    ts.append(time.perf_counter() - t0)
-                    nb.append(r.bytes_read)
-            med = statistics.median(ts)
-            row = {"threads": th, "group": gr, "dynamic": dy, "huge_pages": hg, "ms_median": med * 1e3,
-                   "ms_mean": 1e3 * sum(ts) / len(ts), "GBps_median": statistics.median(nb) / med / 1e9,
-                   "GBps_total": sum(nb) / sum(ts) / 1e9, "layers": layers, "gap_ms": gap_s * 1e3,
-                   "env": {k_: os.environ.get(k_) for k_ in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")}}
-            out.append(row)
-            log(f"call pattern t={th} group={gr} dynamic={dy} huge={hg}: {row['ms_median']:.3f} ms median, "
-                f"{row['ms_mean']:.3f} mean, {row['GBps_median']:.1f} GB/s (all calls {row['GBps_total']:.1f})  "
-                f"{row['env']}")
-        del mem
+    if read_peak:
+        out.append(read_ceiling([t for pair in mem for t in pair], threads[0], log))
+    for th, (gr, dy) in [(t_, k_) for t_ in threads for k_ in kernels]:
+        k = ColdKernel(dim, "numba", th, gr, dy)
+        k.warm_up(torch.float16)
+        ts, nb = [], []
+        for i in range(calls + 20):
+            layer = i % layers
+            t_end = time.perf_counter() + gap_s
+            while time.perf_counter() < t_end:
+                pass
+            t0 = time.perf_counter()
+            r = k(x, mem[layer][0], mem[layer][1], "predictor", mask=sels[layer][(i // layers) % 4])
+            if i >= 20:
+                ts.append(time.perf_counter() - t0)
+                nb.append(r.bytes_read)
+        med = statistics.median(ts)
+        row = {"threads": th, "group": gr, "dynamic": dy, "ms_median": med * 1e3,
+               "ms_mean": 1e3 * sum(ts) / len(ts), "GBps_median": statistics.median(nb) / med / 1e9,
+               "GBps_total": sum(nb) / sum(ts) / 1e9, "layers": layers, "gap_ms": gap_s * 1e3,
+               "env": {k_: os.environ.get(k_) for k_ in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")}}
+        out.append(row)
+        log(f"call pattern t={th} group={gr} dynamic={dy}: {row['ms_median']:.3f} ms median, "
+            f"{row['ms_mean']:.3f} mean, {row['GBps_median']:.1f} GB/s (all calls {row['GBps_total']:.1f})  "
+            f"{row['env']}")
     return out
 
 
-def _anon_huge_kb() -> int:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("AnonHugePages:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 @functools.lru_cache(maxsize=None)
-def _sum_kernel() -> Any:
-    from numba import njit, prange
+def _read_kernels() -> dict[int, Any]:
+    """{streams: kernel} XOR-reducing a flat uint64 array (vectorises; no arithmetic to wait for): threads take
+    `chunk`-element blocks in turn, each read as 1 or 8 interleaved sub-blocks (several DRAM streams in
+    flight per core, as the cold kernel)."""
+    from numba import get_num_threads, njit, prange
 
     @njit(parallel=True, nogil=True, fastmath=True)
-    def rowsum(a, T):
-        C = a.shape[0]
+    def read1(a, chunk):
+        nblk = a.shape[0] // chunk
+        T = get_num_threads()
         parts = np.zeros(T, dtype=np.uint64)
         for t in prange(T):
             s = np.uint64(0)
-            for j in range(t * C // T, (t + 1) * C // T):
-                for k in range(a.shape[1]):
-                    s += a[j, k]
+            for b in range(t, nblk, T):
+                for i in range(b * chunk, (b + 1) * chunk):
+                    s ^= a[i]
             parts[t] = s
-        return parts.sum()
+        r = np.uint64(0)
+        for t in range(T):
+            r ^= parts[t]
+        return r
 
-    return rowsum
+    @njit(parallel=True, nogil=True, fastmath=True)
+    def read8(a, chunk):
+        nblk = a.shape[0] // chunk
+        T = get_num_threads()
+        m = chunk // 8
+        parts = np.zeros(T, dtype=np.uint64)
+        for t in prange(T):
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.uint64(0)
+            for b in range(t, nblk, T):
+                o = b * chunk
+                for i in range(o, o + m):
+                    s0 ^= a[i]
+                    s1 ^= a[i + m]
+                    s2 ^= a[i + 2 * m]
+                    s3 ^= a[i + 3 * m]
+                    s4 ^= a[i + 4 * m]
+                    s5 ^= a[i + 5 * m]
+                    s6 ^= a[i + 6 * m]
+                    s7 ^= a[i + 7 * m]
+            parts[t] = s0 ^ s1 ^ s2 ^ s3 ^ s4 ^ s5 ^ s6 ^ s7
+        r = np.uint64(0)
+        for t in range(T):
+            r ^= parts[t]
+        return r
+
+    return {1: read1, 8: read8}
 
 
-def _read_peak(mem: list, huge: bool, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Every byte of the layers' rows read once by a parallel sum, contiguous per thread: the read ceiling."""
+def read_ceiling(arrays: list[torch.Tensor], threads: int, log: Callable[[str], None] = print,
+                 chunk: int = 1 << 15) -> dict[str, Any]:
+    """This machine's CPU read rate over `arrays` (each read once per pass, best of 3 passes, the better
+    of 1 and 8 streams per core): the most any kernel reading these bytes could get."""
     import numba
 
-    from hotcold.accel.kernels import _u16
-
     numba.set_num_threads(threads)
-    f = _sum_kernel()
-    arrs = [_u16(t) for pair in mem for t in pair]
-    f(arrs[0][:64], threads)
-    nbytes = sum(a.nbytes for a in arrs)
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for a in arrs:
-            f(a, threads)
-        ts.append(time.perf_counter() - t0)
-    row = {"threads": threads, "group": 0, "huge_pages": huge, "kind": "read_peak", "GBps_median": nbytes / min(ts) / 1e9,
-           "bytes": nbytes}
-    log(f"read peak ({'huge' if huge else '4 KiB'} pages, {threads} threads, numba sum over {nbytes / 1e9:.1f} GB): "
-        f"{row['GBps_median']:.1f} GB/s")
-    return row
+    flat = [t.reshape(-1).view(torch.int64).numpy().view(np.uint64) for t in arrays]
+    nbytes = sum(a.nbytes for a in flat)
+    best: dict[str, Any] = {}
+    for st, f in _read_kernels().items():
+        f(flat[0][:4 * chunk], chunk)
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for a in flat:
+                f(a, chunk)
+            ts.append(time.perf_counter() - t0)
+        rate = nbytes / min(ts) / 1e9
+        log(f"read ceiling: {threads} threads, {st} stream(s) per core, {nbytes / 1e9:.1f} GB: {rate:.1f} GB/s")
+        if rate > best.get("GBps_median", 0):
+            best = {"threads": threads, "group": 0, "kind": "read_peak", "streams": st, "GBps_median": rate,
+                    "bytes": nbytes}
+    return best
 
 
 def triton_gemv_probe(log: Callable[[str], None] = print) -> list[dict[str, Any]]:
