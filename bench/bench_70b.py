@@ -75,6 +75,9 @@ def main() -> None:
                     help="measure the engine-like kernel call pattern under several threading settings, "
                          "then run the bench under the best one")
     ap.add_argument("--call-pattern", help="(internal) measure the call pattern, write JSON here")
+    ap.add_argument("--probe-kernels", default="1s,4s,4d,8d",
+                    help="cold kernel variants the probe times: GROUP then s (static) or d (dynamic schedule)")
+    ap.add_argument("--probe-variants", default="default,omp-active", help="threading variants the probe runs")
     ap.add_argument("--probe-size", default="8192,22938,10",
                     help="the call-pattern probe's dim,rows,layers (default: a 70B layer's cold rows, 10 layers)")
     ap.add_argument("--use-probe", help="take the threading from this earlier thread_probe.json instead of probing")
@@ -95,7 +98,7 @@ def main() -> None:
 
         n = os.cpu_count() or 1
         dim, rows, layers = (int(v) for v in a.probe_size.split(","))
-        kernels = ((1, False), (4, False), (4, True), (8, True))
+        kernels = tuple((int(k[:-1]), k[-1] == "d") for k in a.probe_kernels.split(","))
         save_json(call_pattern((n,), dim=dim, rows=rows, layers=layers, kernels=kernels, log=log), a.call_pattern)
         return
     if a.probe_threads or a.use_probe:
@@ -212,11 +215,12 @@ def probe(a) -> None:
         rows = json.loads(Path(a.use_probe).read_text())
         variants_run: dict = {}
     else:
-        variants_run = variants
+        variants_run = {k: v for k, v in variants.items() if k in a.probe_variants.split(",")}
     for name, extra in variants_run.items():
         path = out / f"probe_{name}.json"
         env = {**os.environ, **extra}
-        r = subprocess.run([sys.executable, __file__, "--call-pattern", str(path), "--probe-size", a.probe_size],
+        r = subprocess.run([sys.executable, __file__, "--call-pattern", str(path), "--probe-size", a.probe_size,
+                            "--probe-kernels", a.probe_kernels],
                            env=env, text=True,
                            capture_output=True, timeout=240)
         print(r.stdout[-1500:], r.stderr[-800:], flush=True)

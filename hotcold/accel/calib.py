@@ -214,19 +214,27 @@ def call_pattern(threads: tuple[int, ...], dim: int = 8192, rows: int = 22938, d
 
 @functools.lru_cache(maxsize=None)
 def _read_kernels() -> dict[int, Any]:
-    """{streams: kernel} XOR-reducing a flat uint64 array (vectorises; no arithmetic to wait for): threads take
-    `chunk`-element blocks in turn, each read as 1 or 8 interleaved sub-blocks (several DRAM streams in
-    flight per core, as the cold kernel)."""
+    """{streams: kernel} XOR-reducing a flat uint64 array (vectorises; no arithmetic to wait for): threads
+    take `chunk`-element blocks from a shared counter (the cold kernel's dynamic schedule: a slow core
+    does fewer), each read as 1 or 8 interleaved sub-blocks (DRAM streams in flight per core)."""
     from numba import get_num_threads, njit, prange
 
+    from hotcold.accel.kernels import fetch_add
+
+    fa = fetch_add()
+
     @njit(parallel=True, nogil=True, fastmath=True)
-    def read1(a, chunk):
+    def read1(a, chunk, ctr):
         nblk = a.shape[0] // chunk
         T = get_num_threads()
         parts = np.zeros(T, dtype=np.uint64)
+        ctr[0] = 0
         for t in prange(T):
             s = np.uint64(0)
-            for b in range(t, nblk, T):
+            while True:
+                b = fa(ctr, np.int64(1))
+                if b >= nblk:
+                    break
                 for i in range(b * chunk, (b + 1) * chunk):
                     s ^= a[i]
             parts[t] = s
@@ -236,14 +244,18 @@ def _read_kernels() -> dict[int, Any]:
         return r
 
     @njit(parallel=True, nogil=True, fastmath=True)
-    def read8(a, chunk):
+    def read8(a, chunk, ctr):
         nblk = a.shape[0] // chunk
         T = get_num_threads()
         m = chunk // 8
         parts = np.zeros(T, dtype=np.uint64)
+        ctr[0] = 0
         for t in prange(T):
             s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.uint64(0)
-            for b in range(t, nblk, T):
+            while True:
+                b = fa(ctr, np.int64(1))
+                if b >= nblk:
+                    break
                 o = b * chunk
                 for i in range(o, o + m):
                     s0 ^= a[i]
@@ -266,20 +278,23 @@ def _read_kernels() -> dict[int, Any]:
 def read_ceiling(arrays: list[torch.Tensor], threads: int, log: Callable[[str], None] = print,
                  chunk: int = 1 << 15) -> dict[str, Any]:
     """This machine's CPU read rate over `arrays` (each read once per pass, best of 3 passes, the better
-    of 1 and 8 streams per core): the most any kernel reading these bytes could get."""
+    of 1 and 8 streams per core, blocks handed out dynamically): the most a kernel reading these bytes
+    could get, as far as a plain read can tell (run 5's first version, static blocks, read 68-71 GB/s on
+    a machine where the cold kernel reached 92: a slow core held every pass up)."""
     import numba
 
     numba.set_num_threads(threads)
     flat = [t.reshape(-1).view(torch.int64).numpy().view(np.uint64) for t in arrays]
     nbytes = sum(a.nbytes for a in flat)
     best: dict[str, Any] = {}
+    ctr = np.zeros(1, dtype=np.int64)
     for st, f in _read_kernels().items():
-        f(flat[0][:4 * chunk], chunk)
+        f(flat[0][:4 * chunk], chunk, ctr)
         ts = []
         for _ in range(3):
             t0 = time.perf_counter()
             for a in flat:
-                f(a, chunk)
+                f(a, chunk, ctr)
             ts.append(time.perf_counter() - t0)
         rate = nbytes / min(ts) / 1e9
         log(f"read ceiling: {threads} threads, {st} stream(s) per core, {nbytes / 1e9:.1f} GB: {rate:.1f} GB/s")

@@ -71,6 +71,26 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 # ---- numba -------------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def fetch_add() -> Any:
+    """A numba intrinsic: fetch_add(arr, v) atomically adds v to arr[0] (int64) and returns the old value
+    (the dynamic schedules' shared counter)."""
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _fetch_add(typingctx, arr, val):
+        sig = types.int64(arr, types.int64)
+
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            return builder.atomic_rmw("add", ary.data, args[1], "monotonic")
+
+        return sig, codegen
+
+    return _fetch_add
+
+
 GROUPS = (1, 2, 4, 8)
 
 
@@ -128,15 +148,7 @@ def _numba_kernels(kind: str, group: int = 1, dynamic: bool = False) -> Any:
 
         return sig, codegen
 
-    @intrinsic
-    def _fetch_add(typingctx, arr, val):  # atomically arr[0] += val; returns the old value
-        sig = types.int64(arr, types.int64)
-
-        def codegen(context, builder, signature, args):
-            ary = context.make_array(signature.args[0])(context, builder, args[0])
-            return builder.atomic_rmw("add", ary.data, args[1], "monotonic")
-
-        return sig, codegen
+    _fetch_add = fetch_add()
 
     if kind == "float16":
         widen = _h2f
