@@ -75,10 +75,13 @@ def test_cold_kernel_modes(backend, group, dynamic, dtype, mode):
         m = sel.bool()
     want = (s * (ud[:, :D].double() @ x.double()) * m) @ ud[:, D:].double()
     act = sel.clone() if mode == "predictor" else torch.full((C,), 7, dtype=torch.uint8)
+    counts = np.full(C, 2.0, dtype=np.float32)
     r = ColdKernel(D, backend, group=group, dynamic=dynamic)(x, gate, ud, mode, mask=act if mode == "predictor" else None,
-                                                  thr=0.3, active=act)
+                                                  thr=0.3, active=act, counts=None if mode == "exact" else counts)
     assert r.n_active == int(m.sum())
     assert torch.equal(act.bool(), m)
+    if mode != "exact":  # the dynamic mode's statistics, counted by the kernel
+        assert np.array_equal(counts, 2.0 + m.numpy())
     assert ((r.y.double() - want).norm() / want.norm()) < 1e-5
     assert r.bytes_read > 0
 

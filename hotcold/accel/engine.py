@@ -420,7 +420,9 @@ class HybridEngine:
         out = self.y_host if self.cuda else self.y_dev
         t2 = time.perf_counter()
         act = mask if mask is not None else self.active[l]
-        r = self.kernel(x, c.gate, c.up_down, self.cold_mode, mask=mask, thr=thr, active=act, out=out)
+        # the statistics: the kernel counts active slots itself (exact mode computes all: counted below)
+        counts = self.cold_count[l] if self.stats_on and self.cold_mode != "exact" else None
+        r = self.kernel(x, c.gate, c.up_down, self.cold_mode, mask=mask, thr=thr, active=act, out=out, counts=counts)
         t3 = time.perf_counter()
         st.cpu_wait_s += t1 - t0
         st.prep_s += t2 - t1
@@ -432,7 +434,7 @@ class HybridEngine:
             if self.cold_mode == "exact":
                 # exact mode computes every neuron; activity for the statistics is |s| > stat_thr
                 self._exact_activity(l, x)
-            self.cold_count[l] += act.numpy()
+                self.cold_count[l] += act.numpy()
         st.post_s += time.perf_counter() - t3
 
     def _wait_tag(self, timeout_s: float = 5.0) -> None:
