@@ -241,7 +241,8 @@ def test_bench_cli_toy(tmp_path):
     out = tmp_path / "r.json"
     r = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--layers", "2", "--gpu-budget", "85%", "--device", "cpu",
                                  "--tokens", "2", "--warm", "1", "--dyn-tokens", "4", "--max-len", "32",
-                                 "--runs", "dense-gpu,hotcold-fixed,hotcold-dynamic", "--out", str(out)])
+                                 "--runs", "dense-gpu,hotcold-fixed,hotcold-dynamic", "--out", str(out),
+                                 "--cpu-group", "2", "--cpu-schedule", "static"])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert {"dense-gpu", "hotcold-fixed", "hotcold-dynamic"} <= set(res["runs"])
@@ -250,6 +251,9 @@ def test_bench_cli_toy(tmp_path):
     assert res["weights"].startswith("random")
     bad = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--layers", "99"])
     assert bad.exit_code == 2 and "--layers 99" in bad.output
+    for opt, val in (("--cpu-group", "3"), ("--cpu-schedule", "random")):
+        bad = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--layers", "2", opt, val])
+        assert bad.exit_code == 2 and opt in bad.output and "Traceback" not in bad.output
 
 
 def test_engine_with_dense_hot_neurons_equals_the_runtime(src, tmp_path):

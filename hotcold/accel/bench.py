@@ -306,6 +306,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     from hotcold.accel import workload as wl
     from hotcold.accel.build import split_layer
     from hotcold.accel.engine import HybridEngine
+    from hotcold.accel.kernels import default_dynamic, default_group
     from hotcold.accel.selectors import SampledPredictor
     from hotcold.memory import canonical_dtype, default_predictor_rank
     from hotcold.model.config import shape
@@ -323,7 +324,8 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
     hw = resolve(path=o.hardware) if str(o.hardware).endswith(".json") else resolve(preset_name=o.hardware)
     rank = o.predictor_rank or default_predictor_rank(cfg)
     res: dict[str, Any] = {"benchmark": "hotcold bench: hybrid GPU+CPU decode vs baselines, batch 1",
-                           "cpu_kernel": {"backend": o.cpu_backend, "threads": o.cpu_threads, "group": o.cpu_group, "dynamic": o.cpu_dynamic,
+                           "cpu_kernel": {"backend": o.cpu_backend, "threads": o.cpu_threads, "group": o.cpu_group or default_group(),
+                                          "dynamic": default_dynamic() if o.cpu_dynamic is None else o.cpu_dynamic,
                                           "numba_threading_layer": os.environ.get("NUMBA_THREADING_LAYER"),
                                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
                            "weights": "random (generated on the device); not a trained model",

@@ -47,11 +47,14 @@ def bench_cmd(
     max_len: Annotated[int, typer.Option("--max-len", help="KV cache length (context the cost model assumes).")] = 512,
     cpu_kernel: Annotated[str, typer.Option("--cpu-kernel", help="auto, numba or torch.")] = "auto",
     cpu_threads: Annotated[Optional[int], typer.Option("--cpu-threads", help="Threads of the CPU kernel (default: all).")] = None,
+    cpu_group: Annotated[Optional[int], typer.Option("--cpu-group", help="Cold neurons a numba thread streams side by side: 1, 2, 4 or 8 (default 4, or HOTCOLD_COLD_GROUP).")] = None,
+    cpu_schedule: Annotated[Optional[str], typer.Option("--cpu-schedule", help="How numba threads share the cold rows: dynamic (chunks from a shared counter) or static (a fixed share each; bit-reproducible). Default dynamic, or HOTCOLD_COLD_DYNAMIC=0.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Weights and workload mapping seed.")] = 0,
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     from hotcold.accel.bench import BenchOptions, run_bench, save_json
+    from hotcold.accel.kernels import GROUPS
     from hotcold.errors import InputError
     from hotcold.memory import parse_bytes
     from hotcold.model.config import shape as get_shape
@@ -76,12 +79,18 @@ def bench_cmd(
     profiles = [str(p) for p in (profile, shift_profile) if p is not None]
     if shift_profile is not None and profile is None:
         raise InputError("--shift-profile needs --profile", "pass both, or neither")
+    if cpu_group is not None and cpu_group not in GROUPS:
+        raise InputError(f"--cpu-group {cpu_group} is not supported", f"use one of {', '.join(map(str, GROUPS))}")
+    if cpu_schedule is not None and cpu_schedule not in ("dynamic", "static"):
+        raise InputError(f"--cpu-schedule {cpu_schedule!r} is not a schedule", "use dynamic or static")
     names = tuple(r.strip() for r in runs.split(",") if r.strip())
     opts = BenchOptions(shape=shape, n_layers=layers, gpu_budget_full=budget,
                         cold_density=cold_density if cold_density else None, tokens=tokens, warm=warm,
                         dyn_tokens=dyn_tokens, max_len=max_len, dtype=dtype, device=device, profiles=profiles,
                         placements=pl, hardware=hardware, runs=names, cpu_backend=cpu_kernel,
-                        cpu_threads=cpu_threads, seed=seed, log=lambda s: err.print(s, markup=False))
+                        cpu_threads=cpu_threads, cpu_group=cpu_group,
+                        cpu_dynamic=None if cpu_schedule is None else cpu_schedule == "dynamic",
+                        seed=seed, log=lambda s: err.print(s, markup=False))
     if out_file is not None:
         opts.checkpoint = lambda r: save_json(r, out_file)
     res = run_bench(opts)
