@@ -292,6 +292,30 @@ def _numba_kernels(kind: str, group: int = 1, dynamic: bool = False) -> Any:
             sv[i] = silu(g[i])
         ud8(x, up_down, acc, j, sv, D)
 
+    @njit(inline="always", fastmath=FM)
+    def whole(x, gate, up_down, acc, js, n, sv, active, counts, K, D):
+        """The n slots js[:n], whole neurons, in groups of G, then 4, 2, 1; marked active (and counted)."""
+        ii = 0
+        if G == 8:
+            while ii + 8 <= n:
+                eight(x, gate, up_down, acc, js[ii:ii + 8], sv, D)
+                ii += 8
+        if G >= 4:
+            while ii + 4 <= n:
+                four(x, gate, up_down, acc, js[ii], js[ii + 1], js[ii + 2], js[ii + 3], D)
+                ii += 4
+        if G >= 2:
+            while ii + 2 <= n:
+                two(x, gate, up_down, acc, js[ii], js[ii + 1], D)
+                ii += 2
+        while ii < n:
+            one(x, gate, up_down, acc, js[ii], D)
+            ii += 1
+        for ii in range(n):
+            active[js[ii]] = 1
+            if K:
+                counts[js[ii]] += 1.0
+
     @njit(parallel=True, fastmath=FM, nogil=True, cache=False)
     def cold_ffn(x, gate, up_down, mask, thr, mode, parts, y, active, ctr, counts):
         """mode 0 exact, 1 threshold, 2 predictor (mask[j] != 0 selects slot j). Returns #active.
@@ -364,25 +388,10 @@ def _numba_kernels(kind: str, group: int = 1, dynamic: bool = False) -> Any:
                             mine[n] = j
                             n += 1
                             if n == G:
-                                if G == 8:
-                                    eight(x, gate, up_down, acc, mine, sv, D)
-                                elif G == 4:
-                                    four(x, gate, up_down, acc, mine[0], mine[1], mine[2], mine[3], D)
-                                elif G == 2:
-                                    two(x, gate, up_down, acc, mine[0], mine[1], D)
-                                else:
-                                    one(x, gate, up_down, acc, mine[0], D)
-                                for i in range(G):
-                                    active[mine[i]] = 1
-                                    if K:
-                                        counts[mine[i]] += 1.0
-                                cnt += G
+                                whole(x, gate, up_down, acc, mine, n, sv, active, counts, K, D)
+                                cnt += n
                                 n = 0
-                for i in range(n):
-                    one(x, gate, up_down, acc, mine[i], D)
-                    active[mine[i]] = 1
-                    if K:
-                        counts[mine[i]] += 1.0
+                whole(x, gate, up_down, acc, mine, n, sv, active, counts, K, D)
                 cnt += n
                 n = 0
             elif mode == 2:
@@ -434,27 +443,8 @@ def _numba_kernels(kind: str, group: int = 1, dynamic: bool = False) -> Any:
                     if K:
                         counts[j] += 1.0
                     cnt += 1
-            elif n > 0:
-                ii = 0
-                if G == 8:
-                    while ii + 8 <= n:
-                        eight(x, gate, up_down, acc, mine[ii:ii + 8], sv, D)
-                        ii += 8
-                if G >= 4:
-                    while ii + 4 <= n:
-                        four(x, gate, up_down, acc, mine[ii], mine[ii + 1], mine[ii + 2], mine[ii + 3], D)
-                        ii += 4
-                if G >= 2:
-                    while ii + 2 <= n:
-                        two(x, gate, up_down, acc, mine[ii], mine[ii + 1], D)
-                        ii += 2
-                while ii < n:
-                    one(x, gate, up_down, acc, mine[ii], D)
-                    ii += 1
-                for ii in range(n):
-                    active[mine[ii]] = 1
-                    if K:
-                        counts[mine[ii]] += 1.0
+            else:
+                whole(x, gate, up_down, acc, mine, n, sv, active, counts, K, D)
                 cnt += n
             parts[t, D] = cnt  # the count rides in the spare last column
         total = 0
