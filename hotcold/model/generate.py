@@ -23,7 +23,7 @@ class Generation:
     new_ids: list[int]
     prefill_seconds: float
     decode_seconds: float  # time of the decode steps (every new token after the first)
-    stop_reason: str  # "eos" | "length"
+    stop_reason: str  # "eos" | "length" | "stopped" (on_token asked to stop)
     logits: list[torch.Tensor] = field(default_factory=list)  # per new token [V], when kept
 
     @property
@@ -36,18 +36,28 @@ class Generation:
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
 
-def sample(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
+def sample(logits: torch.Tensor, temperature: float, gen: torch.Generator | None, top_p: float = 1.0) -> int:
+    """Greedy at temperature 0; else a draw from softmax(logits / T), restricted to the smallest set of
+    most likely tokens whose probability reaches top_p (nucleus sampling) when top_p < 1."""
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(descending=True)
+        keep = (p.cumsum(0) - p) < top_p  # the first token is always kept
+        p = p * keep
+        return int(idx[torch.multinomial(p / p.sum(), 1, generator=gen)])
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
 @torch.inference_mode()
 def generate(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
-             seed: int = 0, eos_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
-             keep_logits: bool = False, forward_kw: dict[str, Any] | None = None) -> Generation:
-    """Prefill the prompt, then decode one token at a time (greedy at temperature 0) until EOS or length."""
+             seed: int = 0, eos_ids: Sequence[int] = (), on_token: Callable[[int], bool | None] | None = None,
+             keep_logits: bool = False, forward_kw: dict[str, Any] | None = None, top_p: float = 1.0) -> Generation:
+    """Prefill the prompt, then decode one token at a time (greedy at temperature 0) until EOS or length.
+
+    on_token(tok) is called with each new token; returning True stops generation there (stop strings,
+    a client that went away)."""
     kw = forward_kw or {}
     ids = list(prompt_ids)
     if not ids:
@@ -66,10 +76,11 @@ def generate(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int, te
     while len(new) < max_new_tokens:
         if keep_logits:
             kept.append(logits.clone())
-        tok = sample(logits, temperature, gen)
+        tok = sample(logits, temperature, gen, top_p)
         new.append(tok)
-        if on_token:
-            on_token(tok)
+        if on_token and on_token(tok):
+            stop = "stopped"
+            break
         if tok in eos_ids:
             stop = "eos"
             break

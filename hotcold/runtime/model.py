@@ -361,12 +361,13 @@ class HybridModel:
 
     # ---- conveniences -----------------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
-                 seed: int = 0, on_token=None, keep_logits: bool = False):
-        """hotcold.model.generate.generate on this model, stopping at the bundle tokenizer's EOS ids."""
+                 seed: int = 0, on_token=None, keep_logits: bool = False, top_p: float = 1.0):
+        """hotcold.model.generate.generate on this model, stopping at the bundle tokenizer's EOS ids (or when
+        on_token returns True)."""
         from hotcold.model.generate import generate
 
         eos = self.bundle.tokenizer.eos_ids if self.bundle.tokenizer is not None else self.cfg.eos_token_ids
-        return generate(self, prompt_ids, max_new_tokens, temperature, seed, eos, on_token, keep_logits)
+        return generate(self, prompt_ids, max_new_tokens, temperature, seed, eos, on_token, keep_logits, top_p=top_p)
 
     def weight_bytes(self) -> tuple[int, int]:
         """(bytes of weights the GPU side holds, bytes the CPU worker holds)."""
