@@ -24,6 +24,9 @@ Directory layout (format version 1):
                          positions: each gets a pseudo-random key from (seed, prompt id, position) and
                          the n smallest keys are kept (so the sample does not depend on the order or
                          sharding of prompts); rows are sorted by key. Merging concatenates samples.
+    sequences.safetensors (optional, `profile run --per-sequence`) per-sequence counts: prefill [S, L, F],
+                         continuation counts per block of `block` tokens, token counts (persequence.py);
+                         manifest "sequences": {n, block, ids}. Merging concatenates them.
 
 `active_count` — the one [n_layers, n_ff] array the solver reads — is prefill + decode. In
 `teacher-forced` mode the prompt's tokens are counted as prefill and the reference continuation's as
@@ -94,6 +97,7 @@ class Profile(ModelArtifact):
     hist_decode: np.ndarray  # [n_layers, HIST_BINS + 2] int64
     samples: dict[str, np.ndarray] = field(default_factory=dict)  # optional "x", "mask"
     path: Path | None = None
+    sequences: dict[str, np.ndarray] = field(default_factory=dict)  # optional per-sequence counts (persequence.py)
 
     # ---- derived views -------------------------------------------------------------------------
     @property
@@ -176,12 +180,21 @@ class Profile(ModelArtifact):
                 save_file({k: np.ascontiguousarray(v) for k, v in self.samples.items()},
                           str(tmp / "samples.safetensors"))
                 files.append(file_record(tmp, "samples.safetensors"))
+            if self.sequences:
+                save_file({k: np.ascontiguousarray(v) for k, v in self.sequences.items()},
+                          str(tmp / "sequences.safetensors"))
+                files.append(file_record(tmp, "sequences.safetensors"))
             body = {k: v for k, v in self.manifest.items() if k not in ("kind", "format_version", "producer", "files")}
             write_manifest(tmp, KIND, FORMAT_VERSION, {**body, "files": files})
         return out
 
+    @property
+    def has_sequences(self) -> bool:
+        """Whether the profile was made with per-sequence records (loaded or not)."""
+        return bool(self.sequences) or "sequences" in self.manifest
+
     @classmethod
-    def load(cls, path: str | Path, with_samples: bool = False) -> Profile:
+    def load(cls, path: str | Path, with_samples: bool = False, with_sequences: bool = False) -> Profile:
         from safetensors.numpy import load_file
 
         path = Path(path)
@@ -191,9 +204,15 @@ class Profile(ModelArtifact):
         samples = {}
         if with_samples and (path / "samples.safetensors").exists():
             samples = load_file(str(path / "samples.safetensors"))
+        sequences = {}
+        if with_sequences and (path / "sequences.safetensors").exists():
+            from hotcold.profiler.persequence import check_sequences
+
+            sequences = load_file(str(path / "sequences.safetensors"))
+            check_sequences(sequences, t["active_count_decode"].shape[0], t["active_count_decode"].shape[1], str(path))
         return cls(manifest=manifest, active_count_prefill=t["active_count_prefill"],
                    active_count_decode=t["active_count_decode"], hist_prefill=t["hist_prefill"],
-                   hist_decode=t["hist_decode"], samples=samples, path=path)
+                   hist_decode=t["hist_decode"], samples=samples, path=path, sequences=sequences)
 
 
 def merge(profiles: list[Profile]) -> Profile:
@@ -214,7 +233,16 @@ def merge(profiles: list[Profile]) -> Profile:
     samples: dict[str, np.ndarray] = {}
     if all(p.samples for p in profiles):
         samples = {k: np.concatenate([p.samples[k] for p in profiles]) for k in first.samples}
-    manifest = {k: v for k, v in first.manifest.items() if k != "files"}
+    sequences: dict[str, np.ndarray] = {}
+    manifest = {k: v for k, v in first.manifest.items() if k not in ("files", "sequences")}
+    blocks = {(p.manifest.get("sequences") or {}).get("block") for p in profiles}
+    if all(p.sequences for p in profiles) and len(blocks) == 1:
+        offsets = np.cumsum([0] + [p.sequences["prefill"].shape[0] for p in profiles])
+        sequences = {k: np.concatenate([p.sequences[k] + (offsets[j] if k == "block_seq" else 0)
+                                        for j, p in enumerate(profiles)]).astype(first.sequences[k].dtype)
+                     for k in first.sequences}
+        manifest["sequences"] = {"n": int(offsets[-1]), "block": blocks.pop(),
+                                 "ids": [i for p in profiles for i in p.manifest["sequences"]["ids"]]}
     modes = {p.manifest.get("mode") for p in profiles}
     if len(modes) > 1:
         manifest["mode"] = "mixed"
@@ -225,7 +253,7 @@ def merge(profiles: list[Profile]) -> Profile:
                    active_count_prefill=sum(p.active_count_prefill for p in profiles),
                    active_count_decode=sum(p.active_count_decode for p in profiles),
                    hist_prefill=sum(p.hist_prefill for p in profiles),
-                   hist_decode=sum(p.hist_decode for p in profiles), samples=samples)
+                   hist_decode=sum(p.hist_decode for p in profiles), samples=samples, sequences=sequences)
 
 
 def _short(v: Any) -> str:

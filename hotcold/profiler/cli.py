@@ -53,9 +53,33 @@ Examples:
   hotcold profile synth --shape llama-70b --skew 0.6:1.4 --density 0.2:0.05 --seed 3 -o synth70b/
 """
 
-SHOW_HELP = """Summarise a profile: per-layer sparsity, neurons covering 80% of activations, Gini.
+SHOW_HELP = """Summarise a profile: per-layer sparsity, neurons covering 80% of activations, Gini, the coverage
+curve (share of activations caught by the top x% of neurons) and the top set's stability: across halves
+of the prompts (profiles made with --per-sequence) and against another workload's profile (--against).
 
 Examples:  hotcold profile show prof/        hotcold profile show prof/ --plot freq.png --phase all
+
+           hotcold profile show mbpp-prof/ --against humaneval-prof/
+"""
+
+
+HOTSETS_HELP = """How much of a held-out workload's activations a GPU share of neurons catches, per way of choosing them.
+
+For GPU shares of the neurons (--shares), the share of the evaluation's continuation activations on the
+GPU when the hot set is the profile's top set, the solver's fixed or adaptive placement, the runtime's
+dynamic EMA replayed over the evaluation, the prompt's own top set, an oracle, or random; per layer and
+overall, as a table, JSON, a plot and report.md in --out.
+
+--eval is a profile made with --per-sequence, or a dataset (mbpp, mbpp:PATH, embedded, jsonl:PATH) that
+is profiled here with the profile's own activation thresholds (teacher-forced by default).
+
+Examples:
+
+  hotcold profile run -m qwen2.5-coder-0.5b --dataset mbpp --split train --limit 64 --mode teacher-forced -o prof/
+
+  hotcold profile hotsets prof/ --eval mbpp --eval-split test --eval-limit 64 --save-eval eval/ -o hot/
+
+  hotcold profile hotsets prof/ --eval eval/ --shares 0.1,0.2,0.3 --json
 """
 
 
@@ -67,6 +91,7 @@ def register(app: typer.Typer) -> None:
     group.command("import-powerinfer", help=IMPORT_HELP)(import_cmd)
     group.command("synth", help=SYNTH_HELP)(synth_cmd)
     group.command("show", help=SHOW_HELP)(show_cmd)
+    group.command("hotsets", help=HOTSETS_HELP)(hotsets_cmd)
     app.add_typer(group, name="profile")
 
 
@@ -93,6 +118,8 @@ def run_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="teacher-forced: sequences per forward.")] = 8,
     prompt_format: Annotated[str, typer.Option("--prompt-format", help="chat (the model's chat template) or raw.")] = "chat",
     calibration_prompts: Annotated[Optional[int], typer.Option("--calibration-prompts", help="--sparsity: the first N prompts' |a| histograms set t_l (default 4 in generate mode, 16 teacher-forced).")] = None,
+    per_sequence: Annotated[bool, typer.Option("--per-sequence", help="Also keep each prompt's counts (prompt, and the continuation in blocks), for `profile hotsets` and the halves in `profile show`.")] = False,
+    per_sequence_block: Annotated[int, typer.Option("--per-sequence-block", help="--per-sequence: continuation tokens per block (16: the dynamic mode's EMA period).")] = 16,
     samples: Annotated[int, typer.Option("--samples", help="Keep this many (x, mask) token samples for predictor training (each costs n_layers x (2 dim + n_ff) bytes).")] = 0,
     seed: SeedOpt = 0,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Write a checkpoint every K prompts (default 16; --stream: one pass, no checkpoint).")] = None,
@@ -122,7 +149,8 @@ def run_cmd(
                           batch_size=batch_size, prompt_format=prompt_format,
                           calibration_prompts=calibration_prompts, samples=samples, seed=seed,
                           checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, resume=resume,
-                          device=device, dtype=dtype)
+                          device=device, dtype=dtype, per_sequence=per_sequence,
+                          per_sequence_block=per_sequence_block)
     main = _is_main_rank()
     ckdir = checkpoint_dir or default_checkpoint_dir(out_dir)
     t0 = time.perf_counter()
@@ -270,6 +298,7 @@ def show_cmd(
     phase: Annotated[str, typer.Option("--phase", help="decode (falls back to all when none), prefill or all.")] = "decode",
     share: Annotated[float, typer.Option("--share", help="Activation share for the covering-neurons column.")] = 0.8,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the frequency curves to this image (png, svg, pdf).")] = None,
+    against: Annotated[Optional[Path], typer.Option("--against", help="Another workload's profile of the same model: how much of its activations this profile's top 20% catches.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     from hotcold.errors import InputError
@@ -278,8 +307,8 @@ def show_cmd(
 
     if not 0.0 < share <= 1.0:
         raise InputError(f"--share must be in (0, 1], got {share}", "pass e.g. 0.8")
-    p = Profile.load(profile)
-    s = summary(p, phase, share)
+    p = Profile.load(profile, with_sequences=True)
+    s = summary(p, phase, share, Profile.load(against) if against is not None else None)
     if plot is not None:
         s["plot"] = str(plot_frequencies(p, plot, phase))
     if json_out:
@@ -307,13 +336,130 @@ def show_cmd(
               + (" (unknown: frequencies normalised by the largest count)" if tc.get("unknown") else "")
               + (f"; {s['samples']} (x, mask) samples" if s["samples"] else ""))
     table = Table(title=f"per layer ({s['phase']} tokens)", show_edge=False, pad_edge=False)
-    for col in ("layer", "active", "sparsity", f"neurons for {share:.0%}", "share of n_ff", "Gini", "max f"):
+    st = s["stability"]
+    frac = st["fraction"]
+    halves, vs = st["halves"], st["against"]
+    cols = ["layer", "active", "sparsity", f"neurons for {share:.0%}", "share of n_ff", "Gini",
+            f"top {frac:.0%} catch", "min f", "max f"]
+    cols += ["halves: catch / own"] if halves else []
+    cols += ["against: catch / own"] if vs else []
+    for col in cols:
         table.add_column(col, justify="right")
     for r in s["layers"]:
-        table.add_row(str(r["layer"]), pct(r["active"]), pct(r["sparsity"]), str(r["cover_neurons"]),
-                      pct(r["cover_fraction"]), f"{r['gini']:.3f}", pct(r["max_frequency"]))
+        row = [str(r["layer"]), pct(r["active"]), pct(r["sparsity"]), str(r["cover_neurons"]),
+               pct(r["cover_fraction"]), f"{r['gini']:.3f}", pct(r["coverage"][str(frac)]),
+               pct(r["min_frequency"]), pct(r["max_frequency"])]
+        row += [pct(halves["relative_catch"][r["layer"]])] if halves else []
+        row += [pct(vs["relative_catch"][r["layer"]])] if vs else []
+        table.add_row(*row)
     out.print(table)
     out.print(f"mean sparsity {pct(s['mean_sparsity'])}; {pct(s['cover_fraction'])} of all neurons cover "
-              f"{share:.0%} of activations")
+              f"{share:.0%} of activations; Gini {s['gini_range'][0]:.3f}..{s['gini_range'][1]:.3f}")
+    out.print("coverage curve (every layer's top x% of neurons): "
+              + ", ".join(f"top {float(x):.0%} -> {pct(v)}" for x, v in s["coverage"].items()))
+    if halves:
+        out.print(f"stability across halves ({halves['sequences'][0]} + {halves['sequences'][1]} prompts): one half's "
+                  f"top {frac:.0%} catches {pct(halves['relative_catch_mean'])} of what the other half's own top "
+                  f"{frac:.0%} catches (mean over layers)")
+    else:
+        out.print("stability across halves: n/a (made without --per-sequence)")
+    if vs:
+        out.print(f"against {escape(str(against))}: this profile's top {frac:.0%} catches {pct(vs['catch'])} of its "
+                  f"activations, {pct(vs['relative_catch_mean'])} of what its own top {frac:.0%} catches")
     if plot is not None:
         out.print(f"plot: {s['plot']}")
+
+
+def _parse_shares(text: str) -> tuple[float, ...]:
+    from hotcold.errors import InputError
+
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"--shares {text!r} is not a comma list of fractions", "write e.g. 0.05,0.1,0.2") from None
+
+
+@command
+def hotsets_cmd(
+    profile: Annotated[Path, typer.Argument(help="Profile directory (the offline statistics).")],
+    eval_: Annotated[str, typer.Option("--eval", help="A profile made with --per-sequence, or a dataset to profile here: mbpp, mbpp:PATH, embedded, jsonl:PATH.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write hotsets.json, hotsets.png and report.md into this directory.")] = None,
+    eval_split: Annotated[Optional[str], typer.Option("--eval-split", help="Dataset --eval: the split (MBPP: test by default).")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="Dataset --eval: at most N prompts.")] = None,
+    eval_offset: Annotated[int, typer.Option("--eval-offset", help="Dataset --eval: skip the first K prompts.")] = 0,
+    eval_mode: Annotated[str, typer.Option("--eval-mode", help="Dataset --eval: teacher-forced (reference code) or generate.")] = "teacher-forced",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Dataset --eval, generate mode: tokens per prompt.")] = 128,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Dataset --eval: the model (default: the profile's source).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Dataset --eval, teacher-forced: sequences per forward.")] = 8,
+    dtype: Annotated[str, typer.Option("--dtype", help="Dataset --eval: compute dtype (float32, bfloat16, float16).")] = "float32",
+    save_eval: Annotated[Optional[Path], typer.Option("--save-eval", help="Dataset --eval: keep the evaluation profile here.")] = None,
+    shares: Annotated[str, typer.Option("--shares", help="GPU shares of the FFN neurons, comma-separated.")] = "0.05,0.1,0.2,0.3,0.4,0.5,0.6",
+    hardware: Annotated[str, typer.Option("--hardware", help="Cost model of the adaptive solver and the dynamic rule: a preset or a spec JSON.")] = "pc-high",
+    phase: Annotated[str, typer.Option("--phase", help="The profile's frequencies that rank neurons: decode, prefill or all.")] = "decode",
+    warmup: Annotated[int, typer.Option("--warmup", help="Dynamic: also report the share caught after this many continuation tokens.")] = 256,
+    layer_share: Annotated[float, typer.Option("--layer-share", help="GPU share of the per-layer table and plot.")] = 0.2,
+    show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress on stderr.")] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    from hotcold.errors import IncompatibleError
+    from hotcold.profiler.artifact import Profile
+    from hotcold.profiler.hotsets import HotsetOptions, LABELS, measure_hotsets, write_report
+
+    opts = HotsetOptions(shares=_parse_shares(shares), phase=phase, hardware=hardware, warmup=warmup)
+    opts.validate()
+    prof = Profile.load(profile)
+    ev_path = Path(eval_)
+    with progress(disable=not show_progress) as bar:
+        if (ev_path / "manifest.json").is_file():
+            ev = Profile.load(ev_path, with_sequences=True)
+        else:
+            from hotcold.model.registry import load_source
+            from hotcold.profiler.activation import ActivationSpec
+            from hotcold.profiler.engine import ProfileOptions, run_profile
+            from hotcold.workloads import load_dataset
+
+            ds = load_dataset(eval_, eval_split, limit=eval_limit, offset=eval_offset)
+            src = load_source(model or prof.manifest["model"].get("source"))
+            if src.fingerprint != prof.fingerprint:
+                raise IncompatibleError(f"--model {model} is not the model {profile} was profiled on",
+                                        "drop --model, or pass the profile's model")
+            act = prof.manifest["activation"]
+            ts = act.get("thresholds")
+            spec = ActivationSpec(kind=act["kind"], thresholds=tuple(ts)) if act["kind"] == "magnitude" and ts \
+                else ActivationSpec(kind=act["kind"])
+            task = bar.add_task("profiling --eval", total=None, info="")
+            popts = ProfileOptions(mode=eval_mode, activation=spec, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, dtype=dtype, per_sequence=True, resume=True)
+            res = run_profile(src, ds, popts, out=save_eval,
+                              progress=lambda d, t, n: bar.update(task, completed=d, total=t, info=f"{n} tok"))
+            ev = res.profile
+        task = bar.add_task("hot sets", total=len(opts.shares), info="")
+        done = [0]
+
+        def log(msg: str) -> None:
+            if msg.startswith("share"):
+                done[0] += 1
+                bar.update(task, completed=done[0], info=msg.split(":")[0])
+            elif show_progress:
+                err.print(escape(msg))
+
+        r = measure_hotsets(prof, ev, opts, log=log)
+    if out_dir is not None:
+        r["report"] = str(write_report(r, out_dir, layer_share))
+    if json_out:
+        print_json(r)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"share of held-out activations on the GPU ({r['continuation_tokens']} continuation tokens, "
+                        f"{r['sequences']} sequences)", show_edge=False, pad_edge=False)
+    table.add_column("choice")
+    for s in r["shares"]:
+        table.add_column(f"{s:.0%}", justify="right")
+    for c in r["choices"]:
+        table.add_row(LABELS.get(c, c), *(f"{v:.1%}" for v in r["overall"][c]))
+    out.print(table)
+    if out_dir is not None:
+        out.print(f"report: {escape(str(out_dir / 'report.md'))}")
+    if save_eval is not None and ev.path is not None:
+        out.print(f"evaluation profile: {escape(str(ev.path))}")

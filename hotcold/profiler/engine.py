@@ -50,6 +50,7 @@ from hotcold.model.weights import WeightSource
 from hotcold.profiler.activation import HISTOGRAM, ActivationSpec, hist_index, manifest_entry
 from hotcold.profiler.artifact import Profile, threshold_from_hist
 from hotcold.profiler.dist import DistContext, init_distributed
+from hotcold.profiler.persequence import DEFAULT_BLOCK, SequenceRecorder, check_block
 from hotcold.profiler.sampling import Sampler, SampleSet, Window
 from hotcold.profiler.sequences import MODES, PromptTokens, encode_tasks, fit_context, sequences_digest, tokenizer_for
 
@@ -81,6 +82,8 @@ class ProfileOptions:
     device: str = "cpu"  # cpu | cuda | auto (under torchrun: cuda:LOCAL_RANK)
     dtype: str = "float32"
     keep_tokens: bool = False  # return generated token ids (generate mode) in RunResult
+    per_sequence: bool = False  # also keep per-sequence counts (persequence.py), sequences.safetensors
+    per_sequence_block: int = DEFAULT_BLOCK  # continuation tokens per block of the per-sequence records
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -100,6 +103,8 @@ class ProfileOptions:
             raise InputError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}", "pass e.g. 16")
         if self.dtype not in DTYPES:
             raise InputError(f"unknown dtype {self.dtype!r}", f"use one of: {', '.join(DTYPES)}")
+        if self.per_sequence:
+            check_block(self.per_sequence_block)
 
 
 @dataclass
@@ -157,18 +162,24 @@ class Rule:
 
 
 class Observer:
-    """What the FFN hook feeds: counts under `rule` (None: histograms only, for calibration)."""
+    """What the FFN hook feeds: counts under `rule` (None: histograms only, for calibration), and with a
+    SequenceRecorder (`rec`) the per-sequence counts too."""
 
-    def __init__(self, stats: Stats, rule: Rule | None):
-        self.stats, self.rule = stats, rule
+    def __init__(self, stats: Stats, rule: Rule | None, rec: SequenceRecorder | None = None):
+        self.stats, self.rule, self.rec = stats, rule, rec
 
-    def observe(self, layer: int, phase: int, x2d: torch.Tensor | None, a2d: torch.Tensor) -> None:
+    def observe(self, layer: int, phase: int, x2d: torch.Tensor | None, a2d: torch.Tensor) -> torch.Tensor | None:
+        """Count rows a2d [N, F] (x2d [N, D] for the gate rule); returns the active mask [N, F] (None
+        without a rule or rows)."""
         if a2d.shape[0] == 0:
-            return
+            return None
         abs_a = a2d.abs()
+        active = None
         if self.rule is not None:
-            self.stats.count[phase, layer] += self.rule.active(layer, x2d, a2d, abs_a).sum(0)
+            active = self.rule.active(layer, x2d, a2d, abs_a)
+            self.stats.count[phase, layer] += active.sum(0)
         self.stats.hist[phase, layer] += torch.bincount(hist_index(abs_a, inplace=True), minlength=NB)
+        return active
 
 
 class _LayerCache:
@@ -365,9 +376,15 @@ class Engine:
         dec_a: list[list[torch.Tensor]] = [[] for _ in range(L)]
         dec_x: list[list[torch.Tensor]] = [[] for _ in range(L)]
 
+        rec = obs.rec if rule is not None else None
+        if rec is not None:
+            rec.begin(seq.id, T, None)  # decode tokens are known after generation: blocks allocated then
+
         def hook(layer: int, x: torch.Tensor, a: torch.Tensor) -> None:
             if phase[0] == PREFILL:
-                obs.observe(layer, PREFILL, x[0], a[0])
+                act = obs.observe(layer, PREFILL, x[0], a[0])
+                if rec is not None and act is not None:
+                    rec.add_prefill(seq.id, layer, act)
                 if window is not None:
                     window.capture(layer, x[0], rule.active, a[0], 0)
             else:  # counted after the prompt, in one pass (per-token cost: two list appends)
@@ -381,10 +398,14 @@ class Engine:
         g = generate(model, list(seq.prompt), max_new, eos_ids=self.eos_ids, on_token=on_token,
                      forward_kw={"hook": hook})
         n_dec = len(dec_a[0])
+        if rec is not None:
+            rec.decode_length(seq.id, n_dec)
         for layer in range(L if n_dec else 0):
             a2d = torch.stack(dec_a[layer])
             x2d = torch.stack(dec_x[layer]) if keep_x else None
-            obs.observe(layer, DECODE, x2d, a2d)
+            act = obs.observe(layer, DECODE, x2d, a2d)
+            if rec is not None:
+                rec.add_decode(seq.id, layer, act)
             if window is not None:
                 window.capture(layer, x2d, rule.active, a2d, T)
         obs.stats.tokens[PREFILL] += T
@@ -399,12 +420,21 @@ class Engine:
     def batch_hook(self, batch: _Batch, obs: Observer, window: Window | None):
         D, Fn = self.cfg.dim, self.cfg.n_ff
         need_x = obs.rule is not None and obs.rule.needs_x
+        rec = obs.rec if obs.rule is not None else None
+        if rec is not None:  # rows of a phase are sorted by (sequence, position): one segment per sequence
+            seg = {PREFILL: [len(s.prompt) for s in batch.seqs], DECODE: [len(s.continuation) for s in batch.seqs]}
+            for s in batch.seqs:
+                rec.begin(s.id, len(s.prompt), len(s.continuation))
 
         def hook(layer: int, x: torch.Tensor, a: torch.Tensor) -> None:
             x2, a2 = x.reshape(-1, D), a.reshape(-1, Fn)
             for phase, rows in ((PREFILL, batch.pre_rows), (DECODE, batch.dec_rows)):
                 if rows.numel():
-                    obs.observe(layer, phase, x2[rows] if need_x else None, a2[rows])
+                    act = obs.observe(layer, phase, x2[rows] if need_x else None, a2[rows])
+                    if rec is not None:
+                        add = rec.add_prefill if phase == PREFILL else rec.add_decode
+                        for s, part in zip(batch.seqs, torch.split(act, seg[phase])):
+                            add(s.id, layer, part)
             if window is not None:
                 window.capture(layer, x2, obs.rule.active, a2, 0)
 
@@ -523,7 +553,8 @@ def _run(src: WeightSource, seqs: list[PromptTokens], opts: ProfileOptions, ctx:
         "activation": spec.to_json(), "max_new_tokens": opts.max_new_tokens if opts.mode == "generate" else None,
         "batch_size": opts.batch_size if opts.mode == "teacher-forced" else None, "stream": opts.stream,
         "calibration_prompts": n_cal if spec.needs_calibration else None, "samples": opts.samples,
-        "seed": opts.seed, "dtype": opts.dtype, "world": ctx.world})
+        "seed": opts.seed, "dtype": opts.dtype, "world": ctx.world,
+        **({"per_sequence_block": opts.per_sequence_block} if opts.per_sequence else {})})
     ckdir = opts.checkpoint_dir or (default_checkpoint_dir(out) if out is not None else None)
     ckpt = Checkpoint(ckdir, run_key, ctx)
     if not opts.resume:
@@ -531,12 +562,22 @@ def _run(src: WeightSource, seqs: list[PromptTokens], opts: ProfileOptions, ctx:
     engine = Engine(src, opts, ctx, model, eos_ids)
     stats = Stats(L, Fn, ctx.device)
     sampler = Sampler(opts.samples, opts.seed, L, cfg.dim, Fn, ctx.device)
+    rec = None
+    if opts.per_sequence:
+        ids = [s.id for s in seqs]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise InputError(f"--per-sequence needs unique prompt ids; {dup!r} occurs more than once",
+                             "deduplicate the workload")
+        rec = SequenceRecorder(L, Fn, opts.per_sequence_block)
     loaded = ckpt.load()
     done = 0  # units done on this rank: prompts (generate) or batches (teacher-forced)
     if loaded is not None:
         tensors, meta = loaded
         stats.load_state(tensors)
         sampler.load_state(tensors)
+        if rec is not None:
+            rec.load_state(tensors, meta.get("seq_ids") or [])
         done = int(meta["done"])
     batches = make_batches(shard, opts.batch_size, ctx.device) if opts.mode == "teacher-forced" else []
     if opts.mode == "teacher-forced":
@@ -580,7 +621,7 @@ def _run(src: WeightSource, seqs: list[PromptTokens], opts: ProfileOptions, ctx:
         else:
             thresholds = spec.layer_thresholds(cfg)
         rule = engine.rule(spec.kind, thresholds)
-        obs = Observer(stats, rule)
+        obs = Observer(stats, rule, rec)
 
         # ---- the counting pass
         generated: dict[str, list[int]] = {}
@@ -594,7 +635,12 @@ def _run(src: WeightSource, seqs: list[PromptTokens], opts: ProfileOptions, ctx:
 
         def checkpoint(units: int) -> None:
             state = {**stats.state(), **sampler.state()}
-            ckpt.save(state, {"done": units, "rank": ctx.rank, "world": ctx.world})
+            meta = {"done": units, "rank": ctx.rank, "world": ctx.world}
+            if rec is not None:
+                seq_state, seq_ids = rec.state()
+                state.update(seq_state)
+                meta["seq_ids"] = seq_ids
+            ckpt.save(state, meta)
 
         tick(n_done)
         if opts.mode == "generate":
@@ -654,6 +700,10 @@ def _run(src: WeightSource, seqs: list[PromptTokens], opts: ProfileOptions, ctx:
     if opts.samples:
         parts = ctx.all_gather_object(sampler.kept)
         samples = SampleSet.concat(parts).bottom(opts.samples).artifact()
+    sequences: dict[str, np.ndarray] = {}
+    if rec is not None:
+        parts = ctx.all_gather_object(rec.parts()) if ctx.world > 1 else [rec.parts()]
+        sequences = SequenceRecorder.from_parts(L, Fn, opts.per_sequence_block, parts).artifact([s.id for s in seqs])
     elapsed = time.perf_counter() - t_start
     manifest = {
         "model": src.manifest_entry(),
@@ -666,11 +716,14 @@ def _run(src: WeightSource, seqs: list[PromptTokens], opts: ProfileOptions, ctx:
         "token_count": {"prefill": int(tokens[PREFILL]), "decode": int(tokens[DECODE])},
         "histogram": dict(HISTOGRAM),
         "samples": {"n": int(len(samples.get("phase", []))), "seed": opts.seed} if opts.samples else None,
+        **({"sequences": {"n": len(seqs), "block": opts.per_sequence_block, "ids": [s.id for s in seqs]}}
+           if rec is not None else {}),
         "run": {"world_size": ctx.world, "device": str(ctx.device), "dtype": opts.dtype, "truncated_prompts": cut,
                 "elapsed_s": round(elapsed, 3), "calibration_s": round(calibration_s, 3)},
     }
     profile = Profile(manifest=manifest, active_count_prefill=count[PREFILL], active_count_decode=count[DECODE],
-                      hist_prefill=hist[PREFILL], hist_decode=hist[DECODE], samples=samples)
+                      hist_prefill=hist[PREFILL], hist_decode=hist[DECODE], samples=samples,
+                      sequences=sequences)
     path = None
     if out is not None and ctx.is_main:
         path = profile.save(out)
