@@ -11,15 +11,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-MBPP = Path(os.environ.get("HOTCOLD_MBPP") or REPO.parent / "shared" / "data" / "mbpp.jsonl")
+from tests.mbpp_util import require_mbpp  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def mbpp_path() -> Path:
-    if not MBPP.is_file():
-        pytest.fail(f"MBPP not found at {MBPP}: set HOTCOLD_MBPP or check out ../shared beside the repo")
-    return MBPP
+    """MBPP's mbpp.jsonl ($HOTCOLD_MBPP or shared/data/ above the repo); the test skips without it."""
+    return require_mbpp()
 
 
 @pytest.fixture(scope="session")

@@ -34,13 +34,15 @@ _SMOLLM_PROFILES: dict = {}
 
 
 def smollm_profile(src, split: str, limit: int, samples: int):
-    """A teacher-forced MBPP profile of SmolLM2 (cached per process: several test modules share it)."""
+    """A teacher-forced MBPP profile of SmolLM2 (cached per process: several test modules share it); skips
+    the calling test without MBPP."""
     key = (split, limit, samples)
     if key not in _SMOLLM_PROFILES:
         from hotcold.profiler.engine import ProfileOptions, run_profile
         from hotcold.workloads import load_dataset
+        from tests.mbpp_util import require_mbpp
 
-        ds = load_dataset("mbpp", split, limit=limit)
+        ds = load_dataset(f"mbpp:{require_mbpp()}", split, limit=limit)
         _SMOLLM_PROFILES[key] = run_profile(src, ds, ProfileOptions(mode="teacher-forced", samples=samples)).profile
     return _SMOLLM_PROFILES[key]
 
@@ -48,9 +50,10 @@ def smollm_profile(src, split: str, limit: int, samples: int):
 def mbpp_teacher_forced(tok, split: str = "test", limit: int = 24, offset: int = 0):
     """(prompt ids, reference-code ids) of MBPP tasks, chat-formatted."""
     from hotcold.workloads import load_dataset, teacher_forced
+    from tests.mbpp_util import require_mbpp
 
     out = []
-    for t in load_dataset("mbpp", split, limit=limit, offset=offset).tasks:
+    for t in load_dataset(f"mbpp:{require_mbpp()}", split, limit=limit, offset=offset).tasks:
         p, c = teacher_forced(t, "chat", tok.render_chat)
         out.append((tok.encode(p), tok.encode(c, add_bos=False)))
     return out
