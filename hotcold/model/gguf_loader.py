@@ -1,8 +1,12 @@
-"""Read GGUF files of the `llama` architecture into a WeightSource.
+"""Read GGUF files of the `llama` and `qwen2` architectures into a WeightSource.
 
-GGUF (llama.cpp) stores the Q and K projections with their rows permuted so that RoPE can rotate
-adjacent pairs ("interleaved"). We undo that permutation at load time and use HF-style (half-split)
-RoPE everywhere, so GGUF and Hugging Face checkpoints give identical tensors.
+For `llama`, GGUF (llama.cpp) stores the Q and K projections with their rows permuted so that RoPE can
+rotate adjacent pairs ("interleaved"). We undo that permutation at load time and use HF-style
+(half-split) RoPE everywhere, so GGUF and Hugging Face checkpoints give identical tensors. `qwen2` files
+are written unpermuted (llama.cpp rotates them NEOX-style, i.e. half-split) and carry Q/K/V biases,
+RoPE base and RMSNorm epsilon under `qwen2.*` keys, and usually an output matrix of their own.
+
+Quantized tensors (Q4_0 … Q8_0, the K-quants Q2_K … Q6_K, ...) are dequantized by the `gguf` package.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from hotcold.errors import InputError
 from hotcold.model.config import ModelConfig, RopeScaling
 from hotcold.model.weights import WeightSource
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2")
+# Architectures whose Q/K rows llama.cpp permuted for interleaved RoPE (undone at load time).
+PERMUTED_QK = ("llama",)
 
 # our name -> GGUF name ({i} = layer)
 NAME_TABLE = {
@@ -77,7 +83,8 @@ class GGUFSource(WeightSource):
         arch = _field(self.reader, "general.architecture")
         if arch not in SUPPORTED_ARCHS:
             raise InputError(f"{self.path} is a GGUF of architecture {arch!r}; hotcold supports {', '.join(SUPPORTED_ARCHS)} "
-                             "(LLaMA-2/3, Mistral, SmolLM2)", "use a LLaMA-family model")
+                             "(LLaMA-2/3, Mistral, SmolLM2, Qwen2/2.5)", "use a LLaMA- or Qwen2-family model")
+        self.arch = str(arch)
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.config = self._config()
         self.description = f"gguf:{self.path}"
@@ -90,7 +97,7 @@ class GGUFSource(WeightSource):
         missing = [gguf_name(n) for n in self.names() if gguf_name(n) not in self.tensors]
         if missing:
             raise InputError(f"{self.path} lacks tensors {missing[:3]}{'...' if len(missing) > 3 else ''}",
-                             "the file is not a complete llama-architecture model")
+                             f"the file is not a complete {arch}-architecture model")
 
     def _config(self) -> ModelConfig:
         r = self.reader
@@ -154,7 +161,9 @@ class GGUFSource(WeightSource):
         shape = [int(x) for x in reversed(t.shape)]  # GGUF lists ne0 (innermost) first
         arr = np.asarray(arr, dtype=np.float32).reshape(shape)
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("wq", "bq"):
+        if self.arch not in PERMUTED_QK:
+            pass
+        elif leaf in ("wq", "bq"):
             arr = unpermute_qk(arr, self.config.n_heads)
         elif leaf in ("wk", "bk"):
             arr = unpermute_qk(arr, self.config.n_kv_heads)

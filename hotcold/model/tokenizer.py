@@ -14,13 +14,20 @@ from hotcold.errors import InputError
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # LLaMA-3's split with digits one by one
 PRE_SPLITS: dict[str, tuple[str, ...]] = {
     "default": (GPT2_REGEX,),
     "gpt2": (GPT2_REGEX,),
     "smollm": (r"\p{N}", GPT2_REGEX),  # digits split one by one, then GPT-2's split
     "llama-bpe": (LLAMA3_REGEX,),
     "llama3": (LLAMA3_REGEX,),
+    "qwen2": (QWEN2_REGEX,),
 }
+# End-of-generation tokens besides the declared EOS, by their text (what llama.cpp's `special_eog_ids`
+# collects): a chat model may end its answer with one of these even when the file names another token
+# EOS (Qwen2.5 declares <|im_end|>; its generation config also stops at <|endoftext|>). `stop_ids`.
+EOG_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "<|EOT|>")
 
 DEFAULT_SYSTEM = "You are an expert Python programmer."
 
@@ -32,6 +39,13 @@ class Tokenizer:
     eos_ids: tuple[int, ...]
     add_bos: bool
     chat_template: str | None
+    eog_ids: tuple[int, ...] = ()  # eos_ids plus the vocabulary's other end-of-generation tokens
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Where generation of an answer stops: the declared EOS/EOT ids and every end-of-turn control
+        token of the vocabulary (EOG_TEXTS)."""
+        return tuple(dict.fromkeys([*self.eos_ids, *self.eog_ids]))
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -70,15 +84,19 @@ class Tokenizer:
                                             decoders.Strip(" ", 1, 0)])
         else:
             raise InputError(f"{path} uses tokenizer model {kind!r}", "hotcold reads gpt2 (BPE) and llama (SentencePiece) tokenizers")
-        special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)]
-        tk.add_special_tokens(special)
+        # 3 = CONTROL (special: dropped when decoding with skip_special), 4 = USER_DEFINED (matched whole,
+        # kept in decoded text), as llama.cpp and transformers treat them.
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+        tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
         bos = field("tokenizer.ggml.bos_token_id")
         eos = field("tokenizer.ggml.eos_token_id")
         eot = field("tokenizer.ggml.eot_token_id")
         eos_ids = tuple(int(x) for x in dict.fromkeys([eos, eot]) if x is not None)
+        index = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 3 and t in EOG_TEXTS}
+        stop = tuple(dict.fromkeys([*eos_ids, *(index[t] for t in EOG_TEXTS if t in index)]))
         return cls(tk=tk, bos_id=None if bos is None else int(bos), eos_ids=eos_ids,
                    add_bos=bool(field("tokenizer.ggml.add_bos_token", kind == "llama")),
-                   chat_template=field("tokenizer.chat_template"))
+                   chat_template=field("tokenizer.chat_template"), eog_ids=stop)
 
     @classmethod
     def from_hf_dir(cls, d: Path, eos_ids: tuple[int, ...] = ()) -> Tokenizer | None:
@@ -150,7 +168,7 @@ class Tokenizer:
         def raise_exception(msg: str) -> None:
             raise TemplateError(msg)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
         env.globals["raise_exception"] = raise_exception
         try:
@@ -177,6 +195,7 @@ class FoldedTokenizer:
         self.vocab = int(vocab)
         self.description = description
         self.eos_ids = tuple(i % self.vocab for i in base.eos_ids)
+        self.stop_ids = tuple(dict.fromkeys(i % self.vocab for i in base.stop_ids))
         self.bos_id = None if base.bos_id is None else base.bos_id % self.vocab
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
