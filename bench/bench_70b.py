@@ -93,8 +93,8 @@ def main() -> None:
                     help="this machine's CPU read ceiling (from the probe): the CPU side of the machine floor")
     a = ap.parse_args()
     if a.call_pattern:
-        from hotcold.accel.calib import call_pattern
-        from hotcold.accel.bench import save_json
+        from hotcold.runtime.calib import call_pattern
+        from hotcold.bench.harness import save_json
 
         n = os.cpu_count() or 1
         dim, rows, layers = (int(v) for v in a.probe_size.split(","))
@@ -104,7 +104,7 @@ def main() -> None:
     if a.probe_threads or a.use_probe:
         probe(a)
         return
-    from hotcold.accel.bench import BenchOptions, prepare, run_bench, save_json
+    from hotcold.bench.harness import BenchOptions, prepare, run_bench, save_json
     from hotcold.memory import default_predictor_rank
     from hotcold.model.config import shape
     from hotcold.solver.hardware import resolve
@@ -137,7 +137,7 @@ def main() -> None:
     calib = {"command": command, "env": env(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     log(json.dumps({k: v for k, v in calib["env"].items() if k not in ("lscpu",)}, default=str)[:1500])
     save_json(calib, out / "calib.json")
-    from hotcold.accel.calib import cold_kernel_table, device_numbers, measured_spec
+    from hotcold.runtime.calib import cold_kernel_table, device_numbers, measured_spec
 
     try:  # seconds: always (the machine floor and the measured HardwareSpec need it)
         calib["device"] = device_numbers(log)
@@ -146,7 +146,7 @@ def main() -> None:
     save_json(calib, out / "calib.json")
     if not a.skip_calib:
         try:
-            from hotcold.accel.calib import triton_gemv_probe
+            from hotcold.runtime.calib import triton_gemv_probe
 
             calib["gemv_probe"] = triton_gemv_probe(log)
         except Exception as ex:  # noqa: BLE001
@@ -198,7 +198,7 @@ def main() -> None:
     res = run_bench(opts)
     res["command"] = command
     save_json(res, res_path)
-    from hotcold.accel.cli import print_table
+    from hotcold.bench.cli import print_table
 
     print_table(res)
 

@@ -28,8 +28,9 @@ STAGES = (
     "hotcold.solver.cli",
     "hotcold.exporter.cli",
     "hotcold.runtime.cli",
-    "hotcold.accel.cli",
+    "hotcold.bench.cli",
     "hotcold.study.cli",
+    "hotcold.serve.cli",
 )
 
 

@@ -13,7 +13,7 @@ ARTIFACT_MODULES = [
     ("Profile", "hotcold.profiler.artifact"),
     ("HardwareSpec", "hotcold.solver.hardware"),
     ("Placement", "hotcold.solver.placement"),
-    ("Bundle", "hotcold.exporter.format"),
+    ("Bundle", "hotcold.bundle"),
 ]
 
 # Every artifact's format versions, newest last: (version, date, what changed).

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hotcold.errors import IncompatibleError, InputError
-from hotcold.exporter import format as fmt
+from hotcold import bundle as fmt
 from hotcold.exporter.export import ExportOptions, export_bundle
 from hotcold.memory import placement_bytes
 from tests.hybrid_util import frequency_order, make_placement, tiny_profile

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hotcold.exporter import format as fmt
+from hotcold import bundle as fmt
 from hotcold.exporter.export import ExportOptions, export_bundle
 from hotcold.exporter.predictors import PredictorOptions, export_layer_predictor, forward_arrays
 from hotcold.runtime import load

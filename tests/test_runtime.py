@@ -1,6 +1,6 @@
 """Runtime on the tiny random model: exact == dense for every placement and layout, threshold mode ==
 the dense model with the same neurons zeroed, per-token semantics of sparse prefill, predictor mode,
-measurements, the GPU budget check, replaceable kernels, the shared generate() loop."""
+measurements, the GPU budget check, decode kernels equal to the batched forward, generation."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from hotcold.errors import InfeasibleError, InputError
 from hotcold.exporter.export import ExportOptions, export_bundle
 from hotcold.model.dense import DenseModel
 from hotcold.model.generate import generate
-from hotcold.runtime import HybridModel, load
-from hotcold.runtime.bundle import Bundle
+from hotcold.runtime import load
+from hotcold.runtime.build import from_bundle
+from hotcold.bundle import Bundle
 from tests.hybrid_util import frequency_order, make_placement, tiny_profile
 
 PLACEMENTS = {"all_gpu": [256] * 4, "all_cpu": [0] * 4, "split": [0, 64, 200, 256]}
@@ -137,11 +138,11 @@ def test_measurements(bundles):
 def test_gpu_budget_refused(bundles):
     b = Bundle.load(bundles["split", "product"])
     need = b.account(ctx_len=64).gpu_total
-    HybridModel(b, mode="exact", gpu_budget=need, max_len=64)
+    from_bundle(b, mode="exact", gpu_budget=need, max_len=64)
     with pytest.raises(InfeasibleError, match="GPU budget .* smaller than bundle"):
-        HybridModel(b, mode="exact", gpu_budget=need - 1, max_len=64)
+        from_bundle(b, mode="exact", gpu_budget=need - 1, max_len=64)
     with pytest.raises(InfeasibleError):
-        HybridModel(b, mode="exact", gpu_budget="1KiB")
+        from_bundle(b, mode="exact", gpu_budget="1KiB")
 
 
 def test_threshold_mode_needs_thresholds(src, tmp_path):
@@ -153,21 +154,27 @@ def test_threshold_mode_needs_thresholds(src, tmp_path):
         load(tmp_path / "b", mode="predictor", thresholds=0.1)
 
 
-def test_kernel_is_replaceable(bundles):
-    from hotcold.runtime.kernels import TorchKernel
+@pytest.mark.parametrize("name", ["all_cpu", "split"])
+@pytest.mark.parametrize("layout", ["product", "product-bundled", "gate"])
+def test_decode_backends_agree(bundles, name, layout):
+    """The decode step's cold kernel (numba when installed, and torch; the split layout's compiled
+    threshold-and-sum) equals the batched torch forward over the same tokens with sparse=True: the same
+    per-token rule, whichever kernel and layout compute it."""
+    from hotcold.runtime.coldkernel import numba_available
 
-    class Counting(TorchKernel):
-        name = "counting"
-        calls = 0
-
-        def down(self, w, idx, offsets, rows):
-            Counting.calls += 1
-            return super().down(w, idx, offsets, rows)
-
-    ref = load(bundles["all_cpu", "product"], mode="threshold", prefill="sparse").forward(torch.tensor([IDS]))
-    m = load(bundles["all_cpu", "product"], mode="threshold", prefill="sparse", kernel=Counting())
-    torch.testing.assert_close(m.forward(torch.tensor([IDS])), ref)
-    assert Counting.calls == 4 and m.report()["kernel"] == "counting"
+    r = load(bundles[name, layout], mode="threshold")
+    cache = r.new_cache(1, len(IDS))
+    r.forward(torch.tensor([IDS[:1]]), 0, cache)  # a dense prefill of the first token, as generate does
+    ref = r.forward(torch.tensor([IDS[1:]]), 1, cache, sparse=True)[0]
+    for backend in ["torch"] + (["numba"] if numba_available() else []):
+        m = load(bundles[name, layout], mode="threshold", cpu_backend=backend, max_len=len(IDS) + 1)
+        assert m.report()["kernel"] == backend
+        m.prefill(IDS[:1])
+        rows = [m.logits.clone()]
+        for t in IDS[1:]:
+            m.step(t)
+            rows.append(m.logits.clone())
+        torch.testing.assert_close(torch.stack(rows[1:]), ref, atol=2e-4, rtol=1e-4)
 
 
 def test_batch_of_two(bundles, dense):
@@ -192,7 +199,7 @@ def test_compiled_kernel_equals_torch_kernel(bundles):
     the same active count and the same sum, at the tiny model's and at SmolLM2's shape, for 1 and 2
     threads; and decoding with either kernel gives the same logits."""
     from hotcold.runtime import ckernel
-    from hotcold.runtime.kernels import CKernel, TorchKernel
+    from hotcold.runtime.splitkernel import CKernel, TorchKernel
 
     if ckernel.load() is None:
         pytest.skip("no C compiler with OpenMP on this machine (the runtime falls back to the torch kernel)")
@@ -211,9 +218,13 @@ def test_compiled_kernel_equals_torch_kernel(bundles):
     finally:
         torch.set_num_threads(threads)
     logits = {}
-    for name in ("c", "torch"):
-        m = load(bundles["all_cpu", "product"], mode="threshold", kernel=name)
-        assert m.report()["kernel"] == name
-        cache = m.new_cache(1, len(IDS))
-        logits[name] = torch.stack([m.forward(torch.tensor([[t]]), i, cache)[0, 0] for i, t in enumerate(IDS)])
+    for name, kernel in (("c", ck), ("torch", tk)):
+        m = load(bundles["all_cpu", "product"], mode="threshold", max_len=len(IDS) + 1)
+        m.kernel._split = kernel  # the split layout's down-row kernel
+        m.prefill(IDS[:1])
+        rows = []
+        for t in IDS[1:]:
+            m.step(t)
+            rows.append(m.logits.clone())
+        logits[name] = torch.stack(rows)
     torch.testing.assert_close(logits["c"], logits["torch"], atol=1e-5, rtol=1e-5)

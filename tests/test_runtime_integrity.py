@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from hotcold.cli import app
 from hotcold.errors import IncompatibleError, InputError
-from hotcold.exporter import format as fmt
+from hotcold import bundle as fmt
 from hotcold.exporter.export import ExportOptions, export_bundle
-from hotcold.runtime.bundle import Bundle
+from hotcold.bundle import Bundle
 from tests.hybrid_util import make_placement, tiny_profile
 
 

@@ -93,7 +93,7 @@ def compile_bundle(model: str, out: str | Path, options: CompileOptions | None =
     from hotcold.profiler.activation import ActivationSpec
     from hotcold.profiler.artifact import Profile
     from hotcold.profiler.engine import ProfileOptions, profile_dataset
-    from hotcold.runtime.bundle import Bundle
+    from hotcold.bundle import Bundle
     from hotcold.solver.hardware import resolve
     from hotcold.solver.placement import Placement
     from hotcold.solver.solve import solve

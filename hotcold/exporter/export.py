@@ -18,7 +18,7 @@ import torch
 
 from hotcold.artifacts import atomic_dir, file_record, sha256_json, write_manifest
 from hotcold.errors import IncompatibleError, InputError
-from hotcold.exporter import format as fmt
+from hotcold import bundle as fmt
 from hotcold.exporter import thresholds as th
 from hotcold.exporter.stwriter import StreamingWriter
 from hotcold.memory import canonical_dtype, dense_bytes, placement_bytes, tensor_bytes

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hotcold.exporter.format import ITEMSIZE, ST_DTYPES
+from hotcold.bundle import ITEMSIZE, ST_DTYPES
 
 TORCH_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                torch.int32: "int32", torch.int64: "int64", torch.bool: "bool"}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hotcold.errors import InputError
-from hotcold.exporter.format import RULES
+from hotcold.bundle import RULES, given_thresholds  # noqa: F401 (re-exported)
 
 
 def check_rule(rule: str) -> str:
@@ -47,16 +47,6 @@ def quantile(values: torch.Tensor, q: float) -> float:
     if v.size == 0:
         raise InputError("no samples to calibrate a threshold from", "profile with --samples N (e.g. 4096)")
     return float(np.quantile(v, q))
-
-
-def given_thresholds(value: float | list[float] | tuple[float, ...], n_layers: int) -> list[float]:
-    vals = [float(value)] * n_layers if isinstance(value, (int, float)) else [float(v) for v in value]
-    if len(vals) != n_layers:
-        raise InputError(f"{len(vals)} thresholds given for a model with {n_layers} layers",
-                         "pass one value, or one per layer")
-    if not all(np.isfinite(v) and v >= 0 for v in vals):
-        raise InputError("thresholds must be finite numbers >= 0", "check --threshold")
-    return vals
 
 
 def histogram_phase(profile: Any, phase: str) -> str:

@@ -28,6 +28,7 @@ def run_cmd(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (a user message when the chat template is used).")] = "",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: draw from the most likely tokens whose probability reaches this (with --temperature > 0).")] = 1.0,
     seed: SeedOpt = 0,
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Feed the prompt as raw text.")] = False,
     mode: Annotated[str, typer.Option("--mode", help="How cold neurons are found: exact (all of them), "
@@ -46,6 +47,9 @@ def run_cmd(
     mmap: Annotated[bool, typer.Option("--mmap", help="Keep the CPU worker's weights memory-mapped. By default "
                                                       "they are copied into memory at load when they fit in half of "
                                                       "the available memory (faster to stream).")] = False,
+    cpu_kernel: Annotated[str, typer.Option("--cpu-kernel", help="The cold kernel: auto (numba when installed), numba or torch.")] = "auto",
+    gpu_kernels: Annotated[str, typer.Option("--gpu-kernels", help="The GPU side's ops: auto (Triton on CUDA), triton or torch.")] = "auto",
+    graphs: Annotated[bool, typer.Option("--graphs/--no-graphs", help="Capture the decode step as CUDA graphs (CUDA only).")] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate text from a Bundle: attention and hot neurons on the GPU side, cold neurons on a CPU worker.
@@ -81,18 +85,18 @@ def run_cmd(
             out.print(text[len(shown):], end="", markup=False)
             shown = text
 
-    from hotcold.runtime.bundle import Bundle
-    from hotcold.runtime.model import HybridModel
+    from hotcold.bundle import Bundle
+    from hotcold.runtime.build import from_bundle
     from hotcold.runtime.run import prompt_token_ids
 
     b = Bundle.load(bundle, verify=verify, expect_fingerprint=expect)
     tok_holder["tok"] = b.tokenizer
     ids = prompt_token_ids(b, prompt, not no_chat_template, _ids(token_ids))
-    m = HybridModel(b, mode=mode, device=device, gpu_budget=gpu_budget or None, prefill=prefill, thresholds=threshold,
+    m = from_bundle(b, mode=mode, device=device, gpu_budget=gpu_budget or None, prefill=prefill, thresholds=threshold,
                     max_len=max_len or len(ids) + max_new_tokens, predictor_backend=predictor_backend,
-                    resident=False if mmap else None)
-    res = run_prompt(str(bundle), prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                     chat=not no_chat_template, token_ids=_ids(token_ids), on_token=on_token, model=m)
+                    resident=False if mmap else None, cpu_backend=cpu_kernel, gpu_kernels=gpu_kernels, graphs=graphs)
+    res = run_prompt(str(bundle), prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     seed=seed, chat=not no_chat_template, token_ids=_ids(token_ids), on_token=on_token, model=m)
     if json_out:
         print_json(res)
         return
@@ -100,11 +104,12 @@ def run_cmd(
     out.print(text[len(shown):], markup=False)
     d = res["decode"]
     share = d["gpu_share"] if d["gpu_share"] is not None else res["prefill"]["gpu_share"]
+    dev = res["device"]
     err.print(f"[dim]{res['prompt_tokens']} prompt tokens, {res['new_tokens']} new ({res['stop_reason']}); prefill "
               f"{res['prefill_tokens_per_s']:.1f} tok/s, decode {res['decode_tokens_per_s']:.1f} tok/s; mode {mode}; "
-              f"GPU side {res['device']['gpu_side']}: {d['gpu_ms_per_token']:.2f} ms/token, CPU worker "
-              f"{d['cpu_ms_per_token']:.2f} ms/token; GPU share of activated neurons "
-              f"{'n/a' if share is None else f'{share:.1%}'}[/]")
+              f"GPU side {dev['gpu_side']} ({dev['gpu_kernels']} ops, graphs {'on' if dev['cuda_graphs'] else 'off'}), "
+              f"CPU worker {dev['cpu_kernel']} kernel {d['cpu_ms_per_token']:.2f} ms/token; GPU share of activated "
+              f"neurons {'n/a' if share is None else f'{share:.1%}'}[/]")
 
 
 def register(app: typer.Typer) -> None:

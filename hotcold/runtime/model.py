@@ -1,297 +1,668 @@
-"""The hybrid model: a Bundle run as a GPU side (attention, norms, embeddings, LM head, hot neurons) and a
-CPU worker (cold neurons), design.md §5.
+"""The hybrid model: attention and hot neurons on the GPU side, cold neurons on a CPU worker, overlapped.
 
-Per layer:
-    GPU side   h += attention(norm(h));  x = ffn_norm(h)
-               [predictor mode: predictor(x) -> which cold neurons to compute]
-               hand x (and the predicted index list) to the CPU worker
-               y = hot neurons of x, densely (queued on the GPU: on CUDA it runs while the CPU works)
-    CPU worker y_cold = cold neurons of x: every one (exact), those whose gate passes t_l (threshold),
-               or those the predictor chose (predictor; t_l applied to them too)
-    GPU side   h += y + y_cold
+One object runs every Bundle on every device (design.md §5): `hotcold run`, `bench`, `study`, `serve`
+and the tests all build it (hotcold.runtime.build). On a machine without CUDA the "GPU" side runs on the
+CPU through the same functions, with the CPU worker inline and no graphs; on CUDA the decode step is
+captured as CUDA graphs, x and y cross through pinned buffers, the GPU side uses the fused Triton ops
+(hotcold.runtime.triton_ops) and the CPU side the compiled cold kernel (hotcold.runtime.coldkernel).
 
-The GPU side runs on `cuda` when present, else on the CPU through the same code. Attention, RMSNorm,
-RoPE and the KV cache are the dense reference's (hotcold/model/dense.py), so `exact` mode gives the
-dense model's logits. The model satisfies the protocol of hotcold.model.generate (`new_cache`,
-`forward(tokens, start, cache, last_only)`), so generation is shared with the dense model.
+Two ways through the model, over the same weights and KV cache:
+- `forward(tokens [B, T], start, cache)`: a batched forward (prefill, teacher-forced evaluation) in plain
+  torch. The prompt is computed densely (`prefill="dense"`) or with the decode path's rule per token
+  (`sparse=True`).
+- `step(token)`: one decode token at batch 1 through the plan below (graphs on CUDA).
 
-Seams kept for later work (issue 6): the CPU worker is an object with `submit`/`result` (a thread or
-process worker with overlap can replace the inline one), the CPU kernel is replaceable (kernels.py),
-and each layer's hot/cold split lives in `GpuLayer` / `ColdLayer` objects plus the bundle's index maps,
-which a migration step can rewrite between tokens.
+One decode step per layer l, in stream order on the GPU and in program order on the host:
+
+    GPU  pre(l)   h += y(l-1) (the previous layer's CPU partial); attention; x = ffn_norm(h); the
+                  selector's cold mask (predictor mode)
+    copy send(l)  x (and the cold mask) to pinned host buffers; record an event
+    GPU  hot(l)   h += down_hot · (act(gate_hot x) * up_hot x)          ← runs while the CPU works
+    CPU  cold(l)  wait for the event; the cold kernel writes y(l) into a pinned buffer; y(l) goes to
+                  the GPU (non-blocking), where pre(l+1) adds it
+
+Consecutive GPU operations without a CPU exchange between them form one segment; on CUDA each segment is
+captured once as a CUDA graph and replayed, everything position-dependent reading device tensors (`pos`,
+`tok`).
+
+Layout on the GPU side: hot_gu [k, 2, D] (gate row, up row of hot slot s, so a prefix of slots is a
+valid smaller hot set), hot_down [k, D]; on the CPU side the Bundle's cold rows as written, in either
+layout (hotcold.bundle): `bundled` (cold_gate [C, D], cold_up_down [C, 2D]) or `split` (cold_gate_up_t
+[D, 2C], cold_down [C, D]). Slot s / j holds neuron hot_ids[s] / cold_ids[j]; the dynamic mode
+(hotcold.runtime.dynamic) swaps neurons between slots while generating (bundled layout).
+
+Cold modes: `exact` (every cold neuron: the dense model's output), `threshold` (the Bundle's activation
+rule with t_l per layer: `gate` |act(W_gate x)| > t_l, or `product` |act(W_gate x)·(W_up x)| > t_l; hot
+neurons stay dense unless sparse_hot; t_l may be adjusted online for a target density), `predictor` (a
+selector on the GPU side picks the cold neurons to compute: the Bundle's ONNX predictors, see
+hotcold.runtime.selectors).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hotcold.errors import InputError
-from hotcold.model.dense import KVCache, LayerWeights, Rope, attention, gemv_layout, rms_norm
-from hotcold.runtime.bundle import Bundle
-from hotcold.runtime.kernels import _ZERO, csr, get_kernel
+from hotcold.model.config import ModelConfig
+from hotcold.model.dense import KVCache, Rope, attention, gemv_layout, rms_norm
+from hotcold.runtime.coldkernel import MODES, RULES, ColdKernel
 from hotcold.runtime.stats import Measurements
 
-MODES = ("exact", "threshold", "predictor")
 PREFILL = ("dense", "sparse")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available", "use --device auto or cpu")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {device!r}", "use auto, cuda or cpu")
-    return torch.device(device)
-
-
-def fits_in_memory(tensors: dict[str, torch.Tensor], share: float = 0.5) -> bool:
-    """Whether these tensors take at most `share` of the memory available now (Linux MemAvailable; False
-    where it cannot be read)."""
-    need = sum(t.numel() * t.element_size() for t in tensors.values())
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return False
-    return need <= share * avail
 
 
 @dataclass
 class GpuLayer:
-    lw: LayerWeights  # attention + norms, and the hot neurons as a small dense FFN (w_gate_up [2k, D], w_down [D, k])
-    k: int
-    threshold: float | None
+    attn_norm: torch.Tensor  # [D]
+    wqkv: torch.Tensor  # [(H + 2 KV) Hd, D]
+    wo: torch.Tensor  # [D, H Hd]
+    ffn_norm: torch.Tensor  # [D]
+    hot_gu: torch.Tensor  # [k, 2, D]: gate row, up row of each hot slot
+    hot_down: torch.Tensor  # [k, D]: down column of each hot slot, as a row
+    hot_ids: np.ndarray  # [k] int64 neuron id of each hot slot
+    bqkv: torch.Tensor | None = None  # [(H + 2 KV) Hd]
+
+    @property
+    def n_hot(self) -> int:
+        return int(self.hot_gu.shape[0])
 
 
 @dataclass
-class ColdLayer:
-    """One layer's cold neurons in the bundle's CPU layout: bundled (gate, up_down) or split (gate_up, down)."""
+class CpuLayer:
+    """One layer's cold neurons, in the Bundle's `bundled` or `split` layout (hotcold.bundle)."""
 
-    threshold: float | None
-    gate: torch.Tensor | None = None  # bundled: [c, D]
-    up_down: torch.Tensor | None = None  # bundled: [c, 2D], row j = [up_j | down_j]
-    gate_up: torch.Tensor | None = None  # split: [2c, D] (a view of the stored [D, 2c]), gate rows then up rows
-    down: torch.Tensor | None = None  # split: [c, D], row j = down_j
+    cold_ids: np.ndarray  # [C] int64
+    gate: torch.Tensor | None = None  # bundled: [C, D]
+    up_down: torch.Tensor | None = None  # bundled: [C, 2D], row j = [up_j | down_j]
+    gate_up_t: torch.Tensor | None = None  # split: [D, 2C], column j gate_j, column C + j up_j
+    down: torch.Tensor | None = None  # split: [C, D], row j = down_j
 
-    c: int = 0  # cold neurons (set from the tensors)
+    @property
+    def layout(self) -> str:
+        return "bundled" if self.gate is not None else "split"
 
-    def __post_init__(self):
-        self.c = int(self.gate.shape[0] if self.gate is not None else self.down.shape[0])
+    @property
+    def n_cold(self) -> int:
+        return int(self.cold_ids.shape[0])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.gate, self.up_down, self.gate_up_t, self.down) if t is not None]
+
+    def gate_up_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_gate x, W_up x) of every cold neuron for x [N, D]: [N, C] each, in the weights' dtype."""
+        if self.gate is not None:
+            D = self.gate.shape[1]
+            return F.linear(x, self.gate), F.linear(x, self.up_down[:, :D])
+        return F.linear(x, self.gate_up_t.t()).chunk(2, dim=-1)
+
+    def down_rows(self) -> torch.Tensor:
+        """[C, D]: row j is cold neuron j's down column (a view)."""
+        if self.down is not None:
+            return self.down
+        return self.up_down[:, self.up_down.shape[1] // 2:]
 
 
 @dataclass
-class _Job:
-    layer: int
-    x: torch.Tensor
-    sparse: bool
-    predicted: torch.Tensor | None
+class StepStats:
+    """Per decode step, summed over layers."""
+
+    seconds: float = 0.0
+    cpu_kernel_s: float = 0.0
+    cpu_wait_s: float = 0.0  # host waiting for the GPU's FFN input
+    cpu_bytes: int = 0
+    cold_active: int = 0
+    gpu_s: float = 0.0  # GPU busy time in the segments (only with time_gpu on CUDA; host time on a CPU)
+    launch_s: float = 0.0  # host time launching GPU segments and copies
+    prep_s: float = 0.0  # host time between the GPU's FFN input arriving and the kernel starting
+    post_s: float = 0.0  # host time after the kernel (sending y back, statistics)
 
 
-class CpuWorker:
-    """Computes cold neurons on the CPU. The inline worker does the work in `result()`, i.e. after the
-    caller has queued the GPU side's hot-neuron work (on CUDA that work runs meanwhile)."""
+@dataclass
+class Totals:
+    tokens: int = 0
+    seconds: float = 0.0
+    cpu_kernel_s: float = 0.0
+    cpu_wait_s: float = 0.0
+    cpu_bytes: int = 0
+    cold_active: int = 0
+    gpu_s: float = 0.0
+    launch_s: float = 0.0
+    prep_s: float = 0.0
+    post_s: float = 0.0
+    per_token_s: list[float] = field(default_factory=list)
 
-    def __init__(self, layers: list[ColdLayer], activation: str, rule: str | None, kernel: Any,
-                 stats: Measurements, predictor_mode: bool):
-        self.layers = layers
-        self.act = F.silu if activation == "silu" else F.relu
-        self.rule = rule or "product"
-        self.kernel = kernel
-        self.stats = stats
-        self.predictor_mode = predictor_mode
-
-    def submit(self, layer: int, x: torch.Tensor, sparse: bool, predicted: torch.Tensor | None = None) -> _Job:
-        return _Job(layer, x, sparse, predicted)
-
-    def result(self, job: _Job) -> torch.Tensor | None:
-        cl = self.layers[job.layer]
-        if cl.c == 0:
-            return None
-        t0 = time.perf_counter()
-        if not job.sparse:
-            y = self._exact(job.layer, cl, job.x)
-        elif self.predictor_mode:
-            y = self._predicted(job.layer, cl, job.x, job.predicted)
-        else:
-            y = self._threshold(job.layer, cl, job.x)
-        if self.stats.enabled:
-            self.stats.cpu_interval(job.layer, time.perf_counter() - t0)
-        return y
-
-    def _count(self, layer: int, active: int, rows: int, predicted: int = 0) -> None:
-        if self.stats.enabled:
-            self.stats.cpu_active(layer, active, rows, predicted)
-
-    def _gate_up(self, cl: ColdLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """act(gate x) and up x of every cold neuron, [N, c] each."""
-        if cl.gate_up is not None:
-            g, u = F.linear(x, cl.gate_up).chunk(2, dim=-1)
-            return self.act(g), u
-        return self.act(F.linear(x, cl.gate)), F.linear(x, cl.up_down[:, : x.shape[-1]])
-
-    def _down_rows(self, cl: ColdLayer, D: int) -> torch.Tensor:
-        return cl.down if cl.down is not None else cl.up_down[:, D:]
-
-    def _exact(self, layer: int, cl: ColdLayer, x: torch.Tensor) -> torch.Tensor:
-        ga, u = self._gate_up(cl, x)
-        a = ga * u
-        y = F.linear(a, self._down_rows(cl, x.shape[-1]).t())
-        if self.stats.enabled:
-            active = int(((ga if self.rule == "gate" else a).abs() > (cl.threshold or 0.0)).sum())
-            self._count(layer, active, cl.c * x.shape[0])
-        return y
-
-    def _threshold(self, layer: int, cl: ColdLayer, x: torch.Tensor) -> torch.Tensor:
-        D = x.shape[-1]
-        if self.rule == "gate" and cl.up_down is not None:
-            # CATS on the bundled layout: every gate row, then one gathered [up | down] block
-            ga = self.act(F.linear(x, cl.gate))
-            mask = ga.abs() > cl.threshold
-            if x.shape[0] == 1:
-                idx = mask[0].nonzero().squeeze(1)
-                coef = ga.index_select(1, idx)
-            else:
-                idx = mask.any(0).nonzero().squeeze(1)
-                coef = (ga * mask).index_select(1, idx)
-            self._count(layer, int(mask.sum()) if x.shape[0] > 1 else int(idx.numel()), int(idx.numel()))
-            return self.kernel.up_down(x, coef, idx, cl.up_down)
-        if self.rule == "product" and x.shape[0] == 1:
-            # decoding, the hot path: one gemv for gate and up, activation and product in place, then
-            # the kernel keeps |a| > t and sums those neurons' down rows in place
-            if cl.gate_up is not None:
-                g, u = F.linear(x, cl.gate_up)[0].chunk(2)
-            else:
-                g, u = F.linear(x, cl.gate)[0], F.linear(x, cl.up_down[:, :D])[0]
-            y, m = self.kernel.threshold_down(self.act(g, inplace=True).mul_(u), cl.threshold, self._down_rows(cl, D))
-            if self.stats.enabled:
-                self._count(layer, m, m)
-            return y
-        ga, u = self._gate_up(cl, x)
-        a = ga * u
-        w, idx, off = csr(a, (ga if self.rule == "gate" else a).abs() > cl.threshold)
-        self._count(layer, int(idx.numel()), int(idx.numel()))
-        return self.kernel.down(w, idx, off, self._down_rows(cl, D))
-
-    def _predicted(self, layer: int, cl: ColdLayer, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """pred [N, c] bool from the predictor: only those neurons' rows are read; t_l applies to them too."""
-        D = x.shape[-1]
-        cand = pred.any(0).nonzero().squeeze(1) if pred.shape[0] > 1 else pred[0].nonzero().squeeze(1)
-        pm = pred.index_select(1, cand)  # [N, m]
-        if cl.gate_up is not None:
-            g, u = F.linear(x, cl.gate_up.index_select(0, torch.cat([cand, cand + cl.c]))).chunk(2, dim=-1)
-            ga = self.act(g)
-        else:
-            ga = self.act(F.linear(x, cl.gate.index_select(0, cand)))
-            if self.rule == "gate":
-                mask = (ga.abs() > cl.threshold) & pm
-                coef = ga * mask
-                if x.shape[0] == 1:
-                    pos = mask[0].nonzero().squeeze(1)
-                else:
-                    pos = mask.any(0).nonzero().squeeze(1)
-                idx = cand.index_select(0, pos)
-                self._count(layer, int(mask.sum()), int(idx.numel()), int(pm.sum()))
-                return self.kernel.up_down(x, coef.index_select(1, pos), idx, cl.up_down)
-            u = F.linear(x, cl.up_down.index_select(0, cand)[:, :D])
-        a = ga * u
-        mask = ((ga if self.rule == "gate" else a).abs() > cl.threshold) & pm
-        w, pos, off = csr(a, mask)
-        self._count(layer, int(pos.numel()), int(pos.numel()), int(pm.sum()))
-        return self.kernel.down(w, cand.index_select(0, pos), off, self._down_rows(cl, D))
+    def add(self, s: StepStats) -> None:
+        self.tokens += 1
+        for k in ("seconds", "cpu_kernel_s", "cpu_wait_s", "cpu_bytes", "cold_active", "gpu_s", "launch_s",
+                  "prep_s", "post_s"):
+            setattr(self, k, getattr(self, k) + getattr(s, k))
+        self.per_token_s.append(s.seconds)
 
 
 class HybridModel:
-    """A Bundle, ready to generate. See the module docstring."""
+    """A neuron split of a model, ready to generate. Build it with hotcold.runtime.build (from a Bundle,
+    a Placement or explicit hot sets); see the module docstring."""
 
-    def __init__(self, bundle: Bundle, mode: str = "threshold", device: str = "auto",
-                 gpu_budget: int | str | None = None, max_len: int | None = None, prefill: str = "dense",
-                 thresholds: float | Sequence[float] | None = None, kernel: str | Any = None,
-                 predictor_backend: str = "torch", gemv: bool | None = None, measure: bool = True,
-                 resident: bool | None = None):
-        if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r}", f"use one of: {', '.join(MODES)}")
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, norm: torch.Tensor, head: torch.Tensor,
+                 gpu_layers: list[GpuLayer], cpu_layers: list[CpuLayer], *, cold_mode: str = "exact",
+                 rule: str = "gate", max_len: int = 512, thresholds: Sequence[float] | None = None,
+                 selector: Any = None, prefill: str = "dense", sparse_hot: bool = False,
+                 cpu_backend: str = "auto", cpu_threads: int | None = None, cpu_group: int | None = None,
+                 cpu_dynamic: bool | None = None, graphs: bool = True, gpu_kernels: str = "auto",
+                 stats: bool = False, stat_thresholds: Sequence[float] | None = None,
+                 bundle: Any = None, account: Any = None, measure: bool = True):
+        if cold_mode not in MODES:
+            raise InputError(f"unknown mode {cold_mode!r}", f"use one of: {', '.join(MODES)}")
+        if rule not in RULES:
+            raise InputError(f"unknown activation rule {rule!r}", f"use one of: {', '.join(RULES)}")
         if prefill not in PREFILL:
             raise InputError(f"unknown prefill {prefill!r}", f"use one of: {', '.join(PREFILL)}")
-        self.bundle = bundle
-        # resident: the CPU worker's weights copied from the bundle's memory map into process memory at load
-        # (as the dense model holds its weights): streaming them is faster than streaming page-cache
-        # mappings on the dev VM (docs/runtime.md); False keeps them mapped (no copy, pages read on demand);
-        # None: copy when they fit in half of the memory available now (a bundle larger than RAM stays mapped)
-        self.resident = fits_in_memory(bundle.cpu) if resident is None else resident
-        self.cfg = cfg = bundle.config
-        self.mode = mode
-        self.prefill = prefill
-        self.device = resolve_device(device)
-        self.dtype = TORCH_DTYPES[bundle.dtype]
-        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
-        self.account = bundle.check_budget(gpu_budget, self.max_len, mode)
-        if thresholds is not None:
-            from hotcold.exporter.thresholds import given_thresholds
-
-            ts: list[float] | None = given_thresholds(thresholds, cfg.n_layers)
-        else:
-            ts = bundle.thresholds
-        if mode != "exact" and ts is None:
-            raise InputError(f"bundle {bundle.path} has no activation thresholds, which --mode {mode} needs",
-                             "re-export with --profile and --sparsity (or --threshold), pass --threshold, or use --mode exact")
-        self.thresholds = ts
-        self.rule = bundle.rule or "product"
-        self.stats = Measurements(cfg.n_layers, self.device, enabled=measure)
-        self.kernel = get_kernel(kernel)
-        on_cpu = self.device.type == "cpu"
-        self.gemv = on_cpu if gemv is None else gemv
-        dev = self.device
-
-        def put(t: torch.Tensor) -> torch.Tensor:
-            return t if on_cpu else t.to(dev)
-
-        def cpu(name: str) -> torch.Tensor:
-            """A CPU-worker tensor: the bundle's mapping, or a copy in process memory (`resident`)."""
-            t = bundle.cpu[name]
-            return t.clone() if self.resident else t
-
-        g = bundle.gpu
-        self.embed = put(g["tok_embeddings"])
-        self.norm = put(g["norm"])
-        head = self.embed if cfg.tie_embeddings else put(g["output"])
-        self.lm_head = gemv_layout(head) if self.gemv and on_cpu else head
-        self.gpu_layers: list[GpuLayer] = []
-        self.cold_layers: list[ColdLayer] = []
-        n_hot = bundle.n_hot
-        for i in range(cfg.n_layers):
-            p = f"layers.{i}."
-            lw = LayerWeights(attn_norm=put(g[p + "attn_norm"]), wqkv=put(g[p + "wqkv"]),
-                              bqkv=put(g[p + "bqkv"]) if cfg.qkv_bias else None, wo=put(g[p + "wo"]),
-                              ffn_norm=put(g[p + "ffn_norm"]), w_gate_up=put(g[p + "hot_gate_up"]),
-                              w_down=put(g[p + "hot_down"]).t())
-            if self.gemv and on_cpu:
-                lw = lw.for_decode()
-            t = None if ts is None else float(ts[i])
-            self.gpu_layers.append(GpuLayer(lw=lw, k=n_hot[i], threshold=t))
-            if bundle.cpu_layout == "split":
-                cl = ColdLayer(threshold=t, gate_up=cpu(p + "cold_gate_up_t").t(), down=cpu(p + "cold_down"))
-            else:
-                cl = ColdLayer(threshold=t, gate=cpu(p + "cold_gate"), up_down=cpu(p + "cold_up_down"))
-            self.cold_layers.append(cl)
-        self.predictors = None
-        if mode == "predictor":
-            from hotcold.runtime.predictor import Predictors
-
-            self.predictors = Predictors(bundle, dev, predictor_backend)
-        self.worker = CpuWorker(self.cold_layers, cfg.activation, self.rule, self.kernel, self.stats,
-                                predictor_mode=mode == "predictor")
+        if cold_mode == "predictor" and selector is None:
+            raise InputError("predictor mode needs a predictor", "export the bundle with --predictors, or use "
+                             "--mode threshold or exact")
+        self.cfg = cfg
+        self.bundle = bundle  # the Bundle it was loaded from (tokenizer, manifest), or None
+        self.account = account  # hotcold.memory account of what it holds, when built from a Bundle
+        self.device = embed.device
+        self.cuda = self.device.type == "cuda"
+        self.dtype = embed.dtype
+        self.embed, self.norm = embed, norm
+        self.gl, self.cl = gpu_layers, cpu_layers
+        self.L = cfg.n_layers
+        self.cold_mode = cold_mode
+        self.rule = rule
+        self.prefill_mode = prefill
         self.act = F.silu if cfg.activation == "silu" else F.relu
-        self.rope = Rope(cfg, self.max_len, dev)
+        # threshold mode: t_l also zeroes inactive hot neurons (sparse_hot), or hot neurons stay dense
+        self.sparse_hot = sparse_hot
+        self.max_len = max_len
+        self.selector = selector
+        self.kernel = ColdKernel(cfg.dim, cpu_backend, cpu_threads, cpu_group, cpu_dynamic, activation=cfg.activation)
+        self.graphs_wanted = graphs and self.cuda
+        self.stats_on = stats
+        self.events_external = False
+        self.capture_error: str | None = None
+        self.ops = self._resolve_gpu_kernels(gpu_kernels)
+        if self.ops is None and not self.cuda:
+            # plain torch on a CPU: matrix-vector products stream [in, out] storage faster (dense.gemv_layout)
+            for g in gpu_layers:
+                g.wqkv, g.wo = gemv_layout(g.wqkv), gemv_layout(g.wo)
+            head = gemv_layout(head) if head is not embed else gemv_layout(embed)
+        self.head = head
+        dev, D = self.device, cfg.dim
+        if cold_mode != "exact" and thresholds is None and selector is None:
+            raise InputError(f"--mode {cold_mode} needs activation thresholds",
+                             "re-export with --profile and --sparsity (or --threshold), pass --threshold, or use --mode exact")
+        self.thr = np.array(thresholds if thresholds is not None else [0.0] * self.L, dtype=np.float64)
+        self.stat_thr = np.array(stat_thresholds if stat_thresholds is not None else self.thr, dtype=np.float64)
+        self.measure = Measurements(self.L, self.device, enabled=measure)
+        # device state (static addresses: graphs read them)
+        self.tok = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.h = torch.zeros(D, dtype=torch.float32, device=dev)
+        self.y_dev = torch.zeros(D, dtype=torch.float32, device=dev)
+        self.logits = torch.zeros(cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.mask_add = torch.zeros(max_len, dtype=torch.float32, device=dev)
+        self.ar = torch.arange(max_len, device=dev)
+        self.thr_dev = torch.tensor(self.thr, dtype=torch.float32, device=dev)
+        self.stat_thr_dev = torch.tensor(self.stat_thr, dtype=torch.float32, device=dev)
+        self.rope = Rope(cfg, max_len, dev)
+        self.cos, self.sin = self.rope.cos, self.rope.sin
+        # the decode KV cache: a batch-1 dense KVCache, so a batched prefill fills what decoding reads
+        self.cache = KVCache(cfg, 1, max_len, self.dtype, dev)
+        self.kc = [k[0] for k in self.cache.k]  # [KV, max_len, Hd] each
+        self.vc = [v[0] for v in self.cache.v]
+        cmax = max([c.n_cold for c in cpu_layers] + [1])
+        pin = self.cuda
+        # what goes to the CPU each split layer is one contiguous copy of a float32 staging buffer:
+        # x [D] | a send counter (int32 bits) | the cold mask (uint8, padded to whole words)
+        self._stage_words = D + 1 + (cmax + 3) // 4
+        self.stage_dev = torch.zeros(self._stage_words, dtype=torch.float32, device=dev)
+        self.stage_host = torch.zeros(self._stage_words, dtype=torch.float32, pin_memory=pin)
+        self.x = self.stage_dev[:D]
+        self.send_tag = self.stage_dev[D:D + 1].view(torch.int32)
+        self.cold_mask_dev = self.stage_dev[D + 1:].view(torch.uint8)[:cmax]
+        self.x_host = self.stage_host[:D]
+        self.mask_host = self.stage_host[D + 1:].view(torch.uint8)[:cmax]
+        self._tag_host = self.stage_host[D:D + 1].view(torch.int32).numpy()
+        self._tag_expected = 0
+        self.tag_spins = 0  # sends whose data had not arrived when the event said so (should stay 0)
+        self.y_host = torch.zeros(D, dtype=torch.float32, pin_memory=pin)
+        kmax = max([g.n_hot for g in gpu_layers] + [1])
+        H, KVh, Hdim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv_buf = torch.zeros((H + 2 * KVh) * Hdim, dtype=torch.float32, device=dev)
+        self.o_buf = torch.zeros(H * Hdim, dtype=torch.float32, device=dev)
+        self.a_buf = torch.zeros(kmax, dtype=torch.float32, device=dev)
+        self.s_buf = torch.zeros(kmax, dtype=torch.float32, device=dev)
+        self.active = [torch.zeros(c.n_cold, dtype=torch.uint8) for c in cpu_layers]
+        # neuron id of every slot, on the device (selectors map id-space decisions to slots with them)
+        self.hot_ids_dev = [torch.as_tensor(g.hot_ids, dtype=torch.long).to(dev) for g in gpu_layers]
+        self.cold_ids_dev = [torch.as_tensor(c.cold_ids, dtype=torch.long).to(dev) for c in cpu_layers]
+        # per-slot activity counts since the last read (dynamic mode's statistics)
+        self.hot_count = [torch.zeros(g.n_hot, dtype=torch.float32, device=dev) for g in gpu_layers]
+        self.cold_count = [np.zeros(c.n_cold, dtype=np.float32) for c in cpu_layers]
+        self.count_tokens = 0
+        # activated hot neurons per layer: this token's (online t_l) and the sum since reset (the report)
+        self.hot_active_dev = torch.zeros(self.L, dtype=torch.float32, device=dev)
+        self.hot_active_sum = torch.zeros(self.L, dtype=torch.float64, device=dev)
+        self.hot_active_host = torch.zeros(self.L, dtype=torch.float32, pin_memory=pin)
+        self._cold_active_last = np.zeros(self.L)
+        self.cold_active_sum = np.zeros(self.L, dtype=np.int64)
+        self.cpu_layer_s = np.zeros(self.L)
+        self.gpu_layer_s = np.zeros(self.L)  # decode: host time of the GPU segments on a CPU, CUDA events with time_gpu
+        # online activation-threshold control (threshold mode)
+        self.target_density: float | None = None
+        self.thr_gain = 0.05
+        self.thr_history: list[list[float]] = []
+        self.stream = torch.cuda.current_stream(dev) if self.cuda else None
+        self.events = [self._external_event() for _ in range(self.L)] if self.cuda else []
+        self.hooks: list[Callable[[HybridModel], None]] = []  # called between tokens (migration commits)
+        # on CUDA with graphs, each layer's send (copy to the host + event) is captured inside the graph, so a
+        # split layer costs one graph launch: [y(l-1) in, h += y, attention, selector, send(l), hot(l)]
+        self.send_in_graph = self.graphs_wanted and self.events_external
+        self._plan = self._make_plan()
+        self._graphs: list[Any] | None = None
+        self.host_pos = 0  # tokens in the KV cache (a host copy of `pos`, no sync needed)
+        self.time_gpu = False  # bracket every GPU segment with CUDA events (adds a little host time)
+        self.totals = Totals()
 
-    # ---- the generate() protocol ----------------------------------------------------------------
+    # ---- plan --------------------------------------------------------------------------------
+    def split(self, l: int) -> bool:
+        return self.cl[l].n_cold > 0
+
+    def _external_event(self):
+        try:
+            ev = torch.cuda.Event(external=True)
+            self.events_external = True
+        except TypeError:  # an older torch: sends stay outside the graphs
+            ev = torch.cuda.Event()
+            self.events_external = False
+        return ev
+
+    def _resolve_gpu_kernels(self, choice: str):
+        from hotcold.runtime import triton_ops
+
+        if choice not in ("auto", "torch", "triton"):
+            raise InputError(f"unknown GPU kernels {choice!r}", "use auto, torch or triton")
+        if choice == "torch" or (choice == "auto" and not self.cuda):
+            return None
+        if self.cfg.activation != "silu":
+            if choice == "triton":
+                raise InputError("the Triton GPU kernels compute SiLU gates only", "use --gpu-kernels torch")
+            return None
+        if not triton_ops.available(self.device):
+            if choice == "triton":
+                raise InputError("the Triton GPU kernels were asked for but triton cannot run here",
+                                 "install triton (CUDA), set TRITON_INTERPRET=1 on a CPU, or use --gpu-kernels torch")
+            return None
+        return triton_ops.GpuOps(self.device)
+
+    @property
+    def gpu_kernels(self) -> str:
+        return "triton" if self.ops is not None else "torch"
+
+    def _make_plan(self) -> list[tuple[str, Any]]:
+        """[("gpu", [fns]), ("send", l), ("cpu", l), ...] for one decode step (sends inside "gpu" when captured)."""
+        ops: list[tuple[str, Any, int]] = [("g", self._embed, 0)]
+        for l in range(self.L):
+            ops.append(("g", self._pre_fn(l), l))
+            if self.split(l):
+                ops.append(("g", self._send_fn(l), l) if self.send_in_graph else ("send", l, l))
+            if self.gl[l].n_hot:
+                ops.append(("g", self._hot_fn(l), l))
+            if self.split(l):
+                ops.append(("cpu", l, l))
+        ops.append(("g", self._head, self.L - 1))
+        plan: list[tuple[str, Any]] = []
+        self._seg_layer: list[int] = []  # the layer a GPU segment's time is charged to (its last op's)
+        self._fn_layers: list[list[int]] = []  # the layer of each op of a segment (timed one by one on a CPU)
+        for kind, v, l in ops:
+            if kind == "g":
+                if plan and plan[-1][0] == "gpu":
+                    plan[-1][1].append(v)
+                    self._seg_layer[-1] = l
+                    self._fn_layers[-1].append(l)
+                else:
+                    plan.append(("gpu", [v]))
+                    self._seg_layer.append(l)
+                    self._fn_layers.append([l])
+            else:
+                plan.append((kind, v))
+        return plan
+
+    @property
+    def n_segments(self) -> int:
+        return sum(1 for k, _ in self._plan if k == "gpu")
+
+    # ---- GPU side (decode) -------------------------------------------------------------------
+    def _embed(self) -> None:
+        self.h.copy_(self.embed.index_select(0, self.tok)[0].float())
+        if self.ops is None:  # the fused attention masks by position itself
+            self.mask_add.copy_(torch.where(self.ar <= self.pos, 0.0, float("-inf")))
+
+    def _pre_fn(self, l: int) -> Callable[[], None]:
+        def pre() -> None:
+            if l > 0 and self.split(l - 1):
+                self._receive()
+            if self.ops is not None:
+                self._attention_fused(l)
+                if self.split(l):  # the CPU needs x; otherwise the hot gemv applies the norm itself
+                    self.ops.rmsnorm(self.h, self.gl[l].ffn_norm, self.cfg.norm_eps, self.x)
+            else:
+                self._attention(l)
+                self.x.copy_(rms_norm(self.h, self.gl[l].ffn_norm.float(), self.cfg.norm_eps))
+            if self.cold_mode == "predictor" and self.split(l):
+                C = self.cl[l].n_cold
+                if hasattr(self.selector, "fill_cold_mask"):
+                    self.selector.fill_cold_mask(self, l, self.x, self.cold_mask_dev[:C])
+                else:
+                    self.cold_mask_dev[:C].copy_(self.selector.cold_mask(self, l, self.x))
+        return pre
+
+    def _receive(self) -> None:
+        """h += y, the previous split layer's CPU partial sum (copied in from its pinned buffer on CUDA)."""
+        if self.cuda:
+            self.y_dev.copy_(self.y_host, non_blocking=True)
+        self.h.add_(self.y_dev)
+
+    def _attention_fused(self, l: int) -> None:
+        g, ops, cfg = self.gl[l], self.ops, self.cfg
+        ops.gemv(g.wqkv, self.qkv_buf, h=self.h, nw=g.attn_norm, eps=cfg.norm_eps)
+        if g.bqkv is not None:
+            self.qkv_buf.add_(g.bqkv.float())
+        ops.attention(self.qkv_buf, self.kc[l], self.vc[l], self.cos, self.sin, self.pos, self.o_buf, cfg.n_heads)
+        ops.gemv(g.wo, self.h, x=self.o_buf, acc=True)
+
+    def _attention(self, l: int) -> None:
+        cfg, g = self.cfg, self.gl[l]
+        H, KV, Hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        xn = rms_norm(self.h, g.attn_norm.float(), cfg.norm_eps).to(self.dtype)
+        qkv = F.linear(xn, g.wqkv, g.bqkv)
+        q, k, v = qkv.split([H * Hd, KV * Hd, KV * Hd])
+        cos = self.cos.index_select(0, self.pos).to(self.dtype)  # [1, Hd]
+        sin = self.sin.index_select(0, self.pos).to(self.dtype)
+        q, k = self._rope(q.view(H, Hd), cos, sin), self._rope(k.view(KV, Hd), cos, sin)
+        self.kc[l].index_copy_(1, self.pos, k.view(KV, 1, Hd))
+        self.vc[l].index_copy_(1, self.pos, v.view(KV, 1, Hd))
+        G = H // KV
+        s = torch.matmul(q.view(KV, G, Hd).float(), self.kc[l].float().transpose(1, 2)) if self.dtype == torch.float32 \
+            else torch.matmul(q.view(KV, G, Hd), self.kc[l].transpose(1, 2)).float()
+        p = torch.softmax(s * (Hd ** -0.5) + self.mask_add, dim=-1).to(self.dtype)
+        o = torch.matmul(p, self.vc[l]).reshape(H * Hd)  # [KV, G, Hd] -> [H Hd]
+        self.h.add_(F.linear(o, g.wo).float())
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    def _hot_fn(self, l: int) -> Callable[[], None]:
+        def hot() -> None:
+            if self.ops is not None:
+                return self._hot_fused(l)
+            g = self.gl[l]
+            k, D = g.n_hot, self.cfg.dim
+            gu = F.linear(self.x.to(self.dtype), g.hot_gu.view(2 * k, D)).view(k, 2).float()
+            s = self.act(gu[:, 0])
+            a = s * gu[:, 1]
+            self._hot_activity(l, s, a)
+            self.h.add_(torch.matmul(a.to(self.dtype), g.hot_down).float())
+        return hot
+
+    def _hot_activity(self, l: int, s: torch.Tensor, a: torch.Tensor) -> None:
+        """Count the activated hot neurons (the rule at t_l); in threshold mode with sparse_hot zero the
+        others' a in place; with statistics on, add each slot's activity to hot_count (dynamic mode)."""
+        v = (s if self.rule == "gate" else a).abs()
+        on = v > self.thr_dev[l]
+        if self.cold_mode == "threshold" and self.sparse_hot:
+            a.mul_(on)
+        n = on.sum()
+        self.hot_active_dev[l] = n
+        self.hot_active_sum[l] += n
+        if self.stats_on:
+            if self.cold_mode == "predictor":
+                self.hot_count[l].add_(self.selector.hot_active(self, l, self.x))
+            else:
+                self.hot_count[l].add_((v > self.stat_thr_dev[l]).float())
+
+    def _hot_fused(self, l: int) -> None:
+        g, ops = self.gl[l], self.ops
+        k = g.n_hot
+        a, s = self.a_buf[:k], self.s_buf[:k]
+        src = dict(x=self.x) if self.split(l) else dict(h=self.h, nw=g.ffn_norm, eps=self.cfg.norm_eps)
+        ops.gate_up(g.hot_gu, a, s_out=s, **src)
+        self._hot_activity(l, s, a)
+        ops.vecmat_add(a, g.hot_down, self.h)
+
+    def _head(self) -> None:
+        if self.split(self.L - 1):
+            self._receive()
+        if self.ops is not None:
+            self.ops.gemv(self.head, self.logits, h=self.h, nw=self.norm, eps=self.cfg.norm_eps)
+        else:
+            xn = rms_norm(self.h, self.norm.float(), self.cfg.norm_eps).to(self.dtype)
+            self.logits.copy_(F.linear(xn, self.head).float())
+        self.tok.copy_(self.logits.argmax().view(1))
+        self.pos.add_(1)
+
+    # ---- CPU side (decode) -------------------------------------------------------------------
+    def _send_fn(self, l: int) -> Callable[[], None]:
+        return lambda: self._send(l)
+
+    def _send(self, l: int) -> None:
+        """x, a send counter and (predictor mode) the cold mask to the pinned host buffer, then layer l's event."""
+        if self.cuda:
+            n = self.cfg.dim + 1 + ((self.cl[l].n_cold + 3) // 4 if self.cold_mode == "predictor" else 0)
+            self.send_tag.add_(1)
+            self.stage_host[:n].copy_(self.stage_dev[:n], non_blocking=True)
+            self.events[l].record()
+
+    def _cold(self, l: int, st: StepStats) -> None:
+        c = self.cl[l]
+        C = c.n_cold
+        t0 = time.perf_counter()
+        if self.cuda:
+            self.events[l].synchronize()
+            self._tag_expected += 1
+            if int(self._tag_host[0]) != self._tag_expected:
+                self._wait_tag()
+            x = self.x_host
+        else:
+            x = self.x
+        t1 = time.perf_counter()
+        mask = None
+        if self.cold_mode == "predictor":
+            mask = (self.mask_host if self.cuda else self.cold_mask_dev)[:C]
+        thr = float(self.thr[l] if self.cold_mode == "threshold" else self.stat_thr[l])
+        out = self.y_host if self.cuda else self.y_dev
+        t2 = time.perf_counter()
+        # activity flags: the bundled kernels write them always; the split layout's only for statistics
+        act = mask if mask is not None else (self.active[l] if self.stats_on or c.gate is not None else None)
+        # the statistics: the kernel counts active slots itself (exact mode computes all: counted below)
+        counts = self.cold_count[l] if self.stats_on and self.cold_mode != "exact" else None
+        r = self.kernel.run(c, x, self.cold_mode, rule=self.rule, mask=mask, thr=thr, active=act, out=out,
+                            counts=counts)
+        t3 = time.perf_counter()
+        st.cpu_wait_s += t1 - t0
+        st.prep_s += t2 - t1
+        st.cpu_kernel_s += t3 - t2
+        self.cpu_layer_s[l] += t3 - t2
+        st.cpu_bytes += r.bytes_read
+        st.cold_active += r.n_active
+        self._cold_active_last[l] = r.n_active
+        self.cold_active_sum[l] += r.n_active
+        if self.stats_on and self.cold_mode == "exact":
+            # exact mode computes every neuron; activity for the statistics is the rule at stat_thr
+            self._exact_activity(l, x)
+            self.cold_count[l] += self.active[l].numpy()
+        st.post_s += time.perf_counter() - t3
+
+    def _wait_tag(self, timeout_s: float = 5.0) -> None:
+        """The event said done but the counter is not there yet: spin on the pinned buffer (counted)."""
+        self.tag_spins += 1
+        t_end = time.perf_counter() + timeout_s
+        while int(self._tag_host[0]) != self._tag_expected:
+            if time.perf_counter() > t_end:
+                raise RuntimeError(f"layer exchange out of step: send counter {int(self._tag_host[0])}, "
+                                   f"expected {self._tag_expected}")
+
+    def _sync_tag(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self._tag_expected = int(self.send_tag.item())
+
+    def _exact_activity(self, l: int, x: torch.Tensor) -> None:
+        g, u = self.cl[l].gate_up_rows(x.view(1, -1).to(self.cl[l].tensors()[0].dtype))
+        s = self.act(g[0].float())
+        v = s if self.rule == "gate" else s * u[0].float()
+        self.active[l].copy_((v.abs() > float(self.stat_thr[l])).to(torch.uint8))
+
+    # ---- running (decode) --------------------------------------------------------------------
+    def _run_segment(self, i: int, fns: list[Callable[[], None]]) -> None:
+        if self._graphs is not None:
+            self._graphs[i].replay()
+        else:
+            for f in fns:
+                f()
+
+    def capture(self) -> None:
+        """Capture every GPU segment as a CUDA graph (after eager warm-up steps at position 0).
+
+        With the sends inside the graphs first; if this torch/driver cannot capture them (pinned copies or
+        external events refused), again with the sends outside (two graphs per split layer)."""
+        if not self.graphs_wanted or self._graphs is not None:
+            return
+        try:
+            self._capture()
+        except Exception as ex:  # noqa: BLE001 - fall back to what always captures
+            if not self.send_in_graph:
+                raise
+            self.capture_error = repr(ex)[:300]
+            torch.cuda.synchronize(self.device)
+            self.send_in_graph = False
+            self._plan = self._make_plan()
+            self._graphs = None
+            self._capture()
+
+    def _capture(self) -> None:
+        saved_pos, saved_host = self.pos.clone(), self.host_pos
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                for kind, v in self._plan:
+                    if kind == "gpu":
+                        for f in v:
+                            f()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        torch.cuda.synchronize(self.device)
+        graphs, pool = [], None
+        for kind, v in self._plan:
+            if kind != "gpu":
+                continue
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                for f in v:
+                    f()
+            pool = g.pool()
+            graphs.append(g)
+        torch.cuda.synchronize(self.device)
+        self._graphs = graphs
+        self.reset()
+        self.pos.copy_(saved_pos)
+        self.host_pos = saved_host
+
+    def reset(self) -> None:
+        """Forget the context (KV cache, position) and the decode totals."""
+        self.pos.zero_()
+        self.host_pos = 0
+        self.h.zero_()
+        self.y_dev.zero_()
+        for k, v in zip(self.cache.k, self.cache.v):
+            k.zero_()
+            v.zero_()
+        self.totals = Totals()
+        self._sync_tag()
+
+    def reset_stats(self) -> None:
+        """Forget the measurements (report()) without touching the context."""
+        self.measure.reset()
+        self.hot_active_sum.zero_()
+        self.cold_active_sum[:] = 0
+        self.cpu_layer_s[:] = 0.0
+        self.gpu_layer_s[:] = 0.0
+        self.totals = Totals()
+
+    @torch.inference_mode()
+    def step(self, token: int | None = None) -> StepStats:
+        """One decode step at position `host_pos`; token None feeds back the previous step's argmax (no
+        host sync). The logits of the next token are in `self.logits`, its argmax in `self.tok`."""
+        if self.host_pos >= self.max_len:
+            raise InputError(f"the context is full ({self.max_len} tokens)", "raise --max-len, or shorten the prompt")
+        self.host_pos += 1
+        for hook in self.hooks:
+            hook(self)
+        if token is not None:
+            self.tok.fill_(int(token))
+        if self.target_density is not None and self.cold_mode == "threshold":
+            self._adjust_thresholds()
+        st = StepStats()
+        t0 = time.perf_counter()
+        seg = 0
+        evs = []
+        for kind, v in self._plan:
+            ta = time.perf_counter()
+            if kind == "gpu":
+                if self.time_gpu and self.cuda:
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    self._run_segment(seg, v)
+                    b.record()
+                    evs.append((self._seg_layer[seg], a, b))
+                elif self.cuda:
+                    self._run_segment(seg, v)
+                else:  # the GPU side on a CPU: each op timed and charged to its layer
+                    tf = ta
+                    for f, l in zip(v, self._fn_layers[seg]):
+                        f()
+                        t_now = time.perf_counter()
+                        self.gpu_layer_s[l] += t_now - tf
+                        tf = t_now
+                dt = time.perf_counter() - ta
+                seg += 1
+                st.launch_s += dt
+            elif kind == "send":
+                self._send(v)
+                st.launch_s += time.perf_counter() - ta
+            else:
+                self._cold(v, st)
+        if self.cuda:
+            if self.target_density is not None:
+                self.hot_active_host.copy_(self.hot_active_dev, non_blocking=True)
+            ta = time.perf_counter()
+            torch.cuda.current_stream(self.device).synchronize()
+            st.cpu_wait_s += time.perf_counter() - ta
+        st.seconds = time.perf_counter() - t0
+        # GPU-side busy time: CUDA events when asked for; on a CPU the host time outside the cold kernel
+        if self.cuda:
+            for l, a, b in evs:
+                self.gpu_layer_s[l] += a.elapsed_time(b) * 1e-3
+                st.gpu_s += a.elapsed_time(b) * 1e-3
+        else:
+            st.gpu_s = st.seconds - st.cpu_kernel_s
+        if self.stats_on:
+            self.count_tokens += 1
+        self.totals.add(st)
+        return st
+
+    # ---- batched forward (prefill, teacher-forced evaluation) ----------------------------------
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         n = max_len or self.max_len
         if n > self.max_len:
@@ -299,98 +670,240 @@ class HybridModel:
                              "shorten the prompt or --max-new-tokens, or raise --max-len")
         return KVCache(self.cfg, batch, n, self.dtype, self.device)
 
-    def _hot(self, i: int, gl: GpuLayer, x: torch.Tensor) -> torch.Tensor | None:
-        if gl.k == 0:
-            return None
-        g, u = F.linear(x, gl.lw.w_gate_up).chunk(2, dim=-1)
-        ga = self.act(g)
-        a = ga * u
-        if self.stats.enabled:
-            m = (ga if self.rule == "gate" else a).abs() > (gl.threshold or 0.0)
-            self.stats.gpu_active(i, m.sum())
-        return F.linear(a, gl.lw.w_down)
+    def _ffn_batch(self, l: int, x: torch.Tensor, sparse: bool) -> torch.Tensor:
+        """FFN of layer l for x [N, D] (normed): hot neurons densely, cold ones exactly or per token by
+        the mode's rule (threshold) or predictor; returns [N, D] in the weights' dtype."""
+        g, c, st = self.gl[l], self.cl[l], self.measure
+        measure = st.enabled
+        m0 = st.gpu_mark() if measure else 0.0
+        y = None
+        thr = float(self.thr[l])
+        if g.n_hot:
+            k, D = g.n_hot, self.cfg.dim
+            gu = F.linear(x, g.hot_gu.view(2 * k, D)).view(-1, k, 2)
+            s = self.act(gu[..., 0])
+            a = s * gu[..., 1]
+            on = (s if self.rule == "gate" else a).abs() > thr
+            if sparse and self.cold_mode == "threshold" and self.sparse_hot:
+                a = a * on
+            if measure:
+                st.gpu_active(l, on.sum())
+            y = a @ g.hot_down
+        m1 = st.gpu_mark() if measure else 0.0
+        if c.n_cold:
+            t0 = time.perf_counter()
+            xc = x if not self.cuda else x.cpu()
+            gt, u = c.gate_up_rows(xc)
+            s = self.act(gt)
+            a = s * u
+            active = (s if self.rule == "gate" else a).abs() > thr
+            if sparse and self.cold_mode == "threshold":
+                a = a * active
+            predicted = 0
+            if sparse and self.cold_mode == "predictor":
+                pm = self.selector.cold_mask_batch(self, l, x).to(xc.device)
+                active = pm
+                a = a * pm
+                predicted = int(pm.sum())
+            if measure:
+                n_act = int(active.sum())
+                rows = int(active.any(0).sum()) if sparse else c.n_cold
+                st.cpu_active(l, n_act, rows, predicted)
+            yc = a @ c.down_rows()
+            if measure:
+                st.cpu_interval(l, time.perf_counter() - t0)
+            yc = yc if not self.cuda else yc.to(self.device, non_blocking=True)
+            y = yc if y is None else y + yc
+        if measure:
+            st.gpu_interval(l, m0, m1)
+        return y
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None,
                 last_only: bool = False, sparse: bool | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] float32 ([B, 1, V] with last_only).
+        """tokens [B, T] -> logits [B, T, V] float32 ([B, 1, V] with last_only), batched in plain torch.
 
-        sparse: None = the mode's choice (one token: sparse unless exact; several: per `prefill`);
-        True computes every token of a multi-token forward as decoding would (each token its own active
-        set: teacher-forced evaluation of the decode path with a dense prefill before it)."""
-        cfg, st = self.cfg, self.stats
+        sparse: None = the model's prefill choice (`dense` computes every cold neuron); True computes every
+        token as decoding does (each token its own active set: teacher-forced evaluation of the decode
+        path). cache: a KVCache from new_cache() (None: a fresh one); `self.cache` is the decode cache."""
+        cfg, st = self.cfg, self.measure
         B, T = tokens.shape
         if cache is None:
             cache = self.new_cache(B, start + T)
+        if start + T > cache.max_len:
+            raise InputError(f"a {start + T}-token context is longer than the cache's {cache.max_len}",
+                             "shorten the prompt or --max-new-tokens, or raise --max-len")
         if sparse is None:
-            sparse = T == 1 or self.prefill == "sparse"
-        sparse = sparse and self.mode != "exact"
-        t0 = st.begin(B * T, "decode" if T == 1 else "prefill")
-        on_cpu = self.device.type == "cpu"
-        measure, worker, preds, cold = st.enabled, self.worker, self.predictors, self.cold_layers
-        h = F.embedding(tokens.to(self.device), self.embed)  # [B, T, D]
-        for i, gl in enumerate(self.gpu_layers):
-            m0 = st.gpu_mark() if measure else 0.0
-            h = h + attention(cfg, gl.lw, rms_norm(h, gl.lw.attn_norm, cfg.norm_eps), start, self.rope,
-                              cache.k[i], cache.v[i])
-            x = rms_norm(h, gl.lw.ffn_norm, cfg.norm_eps).view(B * T, cfg.dim)
-            pred = None
-            if sparse and preds is not None and cold[i].c:
-                pred = preds.cold_active(i, x)
-                pred = pred if on_cpu else pred.cpu()
-            job = worker.submit(i, x if on_cpu else x.cpu(), sparse, pred)
-            y = self._hot(i, gl, x)  # queued on the GPU side (asynchronous on CUDA)
-            m1 = st.gpu_mark() if measure else 0.0
-            y_cold = worker.result(job)  # the CPU worker's partial sum
-            m2 = st.gpu_mark() if measure else 0.0
-            if y_cold is not None:
-                y_cold = y_cold if on_cpu else y_cold.to(self.device, non_blocking=True)
-                y = y_cold if y is None else y + y_cold
-            h = h + y.view(B, T, cfg.dim)
-            if measure:
-                m3 = st.gpu_mark()
-                st.gpu_interval(i, m0, m1)
-                st.gpu_interval(i, m2, m3)
+            sparse = self.prefill_mode == "sparse"
+        sparse = bool(sparse) and self.cold_mode != "exact"
+        t0 = st.begin(B * T, "prefill")
+        h = F.embedding(tokens.to(self.device), self.embed).float()  # [B, T, D]
+        for l, g in enumerate(self.gl):
+            xa = rms_norm(h, g.attn_norm.float(), cfg.norm_eps).to(self.dtype)
+            h = h + attention(cfg, g, xa, start, self.rope, cache.k[l], cache.v[l]).float()
+            x = rms_norm(h, g.ffn_norm.float(), cfg.norm_eps).to(self.dtype).view(B * T, cfg.dim)
+            h = h + self._ffn_batch(l, x, sparse).float().view(B, T, cfg.dim)
         if last_only:
             h = h[:, -1:]
-        logits = F.linear(rms_norm(h, self.norm, cfg.norm_eps), self.lm_head).float()
+        logits = F.linear(rms_norm(h, self.norm.float(), cfg.norm_eps).to(self.dtype), self.head).float()
         st.end(t0)
         return logits
 
     __call__ = forward
 
-    # ---- conveniences -----------------------------------------------------------------------------
+    # ---- generation --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Reset the context and compute the prompt in one batched forward into the decode cache; returns
+        the logits of the token after it (float32 [V], on the GPU side)."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise InputError("the prompt is empty", "pass a prompt of at least one token")
+        if len(ids) >= self.max_len:
+            raise InputError(f"a {len(ids)}-token prompt does not fit the {self.max_len}-token context",
+                             "shorten the prompt or raise --max-len")
+        self.reset()
+        logits = self.forward(torch.tensor([ids]), 0, self.cache, last_only=True)[0, -1]
+        self.logits.copy_(logits)
+        self.pos.fill_(len(ids))
+        self.host_pos = len(ids)
+        return self.logits
+
+    @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
-                 seed: int = 0, on_token=None, keep_logits: bool = False, top_p: float = 1.0):
-        """hotcold.model.generate.generate on this model, stopping at the bundle tokenizer's EOS ids (or when
-        on_token returns True)."""
-        from hotcold.model.generate import generate
+                 seed: int = 0, on_token: Callable[[int], bool | None] | None = None, keep_logits: bool = False,
+                 top_p: float = 1.0, eos_ids: Sequence[int] | None = None):
+        """Batched prefill, then decode steps (greedy at temperature 0, else top-p sampling) until an EOS id,
+        max_new_tokens, or on_token returning True. Returns a hotcold.model.generate.Generation."""
+        from hotcold.model.generate import Generation, sample
 
-        eos = self.bundle.tokenizer.eos_ids if self.bundle.tokenizer is not None else self.cfg.eos_token_ids
-        return generate(self, prompt_ids, max_new_tokens, temperature, seed, eos, on_token, keep_logits, top_p=top_p)
+        if eos_ids is None:
+            tok = getattr(self.bundle, "tokenizer", None)
+            eos_ids = tok.eos_ids if tok is not None else self.cfg.eos_token_ids
+        eos = set(int(e) for e in eos_ids)
+        ids = [int(t) for t in prompt_ids]
+        if len(ids) + max_new_tokens > self.max_len:
+            raise InputError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the {self.max_len}-token context",
+                             "lower --max-new-tokens or raise --max-len")
+        gen = torch.Generator().manual_seed(seed)
+        self.capture()
+        t0 = time.perf_counter()
+        logits = self.prefill(ids)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t1 = time.perf_counter()
+        new: list[int] = []
+        kept: list[torch.Tensor] = []
+        stop = "length"
+        while len(new) < max_new_tokens:
+            if keep_logits:
+                kept.append(logits.detach().float().cpu().clone())
+            t = int(logits.argmax()) if temperature <= 0 else sample(logits, temperature, gen, top_p)
+            new.append(t)
+            if on_token and on_token(t):
+                stop = "stopped"
+                break
+            if t in eos:
+                stop = "eos"
+                break
+            if len(new) == max_new_tokens:
+                break
+            self.step(t)
+            logits = self.logits
+        t2 = time.perf_counter()
+        return Generation(prompt_ids=ids, new_ids=new, prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
+                          stop_reason=stop, logits=kept)
 
-    def weight_bytes(self) -> tuple[int, int]:
-        """(bytes of weights the GPU side holds, bytes the CPU worker holds)."""
-        gpu = sum(t.numel() * t.element_size() for t in self.bundle.gpu.values())
-        if self.predictors is not None:
-            gpu += int(self.account.gpu.get("predictors", 0))
-        cpu = sum(t.numel() * t.element_size() for t in self.bundle.cpu.values())
-        return gpu, cpu
+    # ---- online activation threshold ---------------------------------------------------------
+    def hold_density(self, target: float, gain: float = 0.05) -> None:
+        """Adjust t_l after every token so each layer's active fraction tracks `target` (threshold mode)."""
+        if self.cold_mode != "threshold":
+            raise InputError("holding a target density needs threshold mode", "use --mode threshold")
+        self.target_density = float(target)
+        self.thr_gain = gain
+
+    def _adjust_thresholds(self) -> None:
+        if self.totals.tokens == 0:
+            return
+        hot = self.hot_active_host.numpy() if self.cuda else self.hot_active_dev.cpu().numpy()
+        n = self.cfg.n_ff
+        d = (hot + self._cold_active_last) / n
+        self.last_density = d.copy()
+        err = d - self.target_density
+        self.thr = np.clip(self.thr * np.exp(self.thr_gain * err / max(self.target_density, 1e-3)), 1e-6, 1e3)
+        self.thr_dev.copy_(torch.from_numpy(self.thr.astype(np.float32)), non_blocking=False)
+        self.thr_history.append([float(v) for v in self.thr])
+
+    # ---- accounting --------------------------------------------------------------------------
+    def gpu_bytes_per_token(self) -> int:
+        """Weight and KV bytes the GPU side reads per token (attention, hot rows, head; KV at max_len)."""
+        es = self.embed.element_size()
+        b = self.head.numel() * es + self.cfg.dim * es
+        for g in self.gl:
+            b += (g.wqkv.numel() + g.wo.numel() + g.hot_gu.numel() + g.hot_down.numel()) * es
+            b += 2 * self.kc[0].numel() * self.kc[0].element_size()
+        if self.selector is not None and hasattr(self.selector, "bytes_per_token"):
+            b += self.selector.bytes_per_token()
+        return int(b)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held: GPU-side weights and KV cache, predictors, CPU-side cold weights."""
+        es = self.embed.element_size()
+        head = 0 if self.head.data_ptr() == self.embed.data_ptr() else self.head.numel()
+        gpu = (self.embed.numel() + head + self.norm.numel()) * es
+        gpu += sum((g.wqkv.numel() + g.wo.numel() + g.hot_gu.numel() + g.hot_down.numel()
+                    + g.attn_norm.numel() + g.ffn_norm.numel() + (0 if g.bqkv is None else g.bqkv.numel())) * es
+                   for g in self.gl)
+        kv = sum(t.numel() * t.element_size() for t in self.cache.k + self.cache.v)
+        pred = int(self.selector.gpu_bytes()) if self.selector is not None and hasattr(self.selector, "gpu_bytes") else 0
+        cpu = sum(t.numel() * t.element_size() for c in self.cl for t in c.tensors())
+        return {"gpu_weights_and_kv": int(gpu + kv), "gpu_kv": int(kv), "gpu_predictors": pred, "cpu_cold": int(cpu)}
+
+    def hot_counts(self) -> list[np.ndarray]:
+        return [c.cpu().numpy() for c in self.hot_count]
+
+    def facts(self) -> dict[str, Any]:
+        """What ran: device, kernels, graphs (the JSON of `hotcold run` and `bench` carries this)."""
+        return {"gpu_side": str(self.device), "cpu_worker": "cpu", "gpu_kernels": self.gpu_kernels,
+                "cpu_kernel": self.kernel.backend, "cpu_group": self.kernel.group,
+                "cpu_schedule": "dynamic" if self.kernel.dynamic else "static",
+                "cuda_graphs": self._graphs is not None, "graph_segments": self.n_segments if self._graphs else 0,
+                "sends_in_graph": bool(self._graphs is not None and self.send_in_graph),
+                "capture_error": self.capture_error, "tag_spins": self.tag_spins}
 
     def report(self) -> dict[str, Any]:
-        """Measurements since construction (or the last `stats.reset()`), memory, and the configuration."""
-        gpu_b, cpu_b = self.weight_bytes()
-        return {"bundle": str(self.bundle.path), "mode": self.mode, "resident": self.resident, "rule": self.rule if self.mode != "exact" else None,
-                "prefill": self.prefill, "device": {"gpu_side": str(self.device), "cpu_worker": "cpu"},
-                "dtype": self.bundle.dtype, "kernel": getattr(self.kernel, "name", type(self.kernel).__name__),
-                "n_hot": self.bundle.n_hot, "n_ff": self.cfg.n_ff,
-                "memory": {**self.stats.memory(gpu_b, cpu_b, shared=self.device.type == "cpu"),
-                           "account": self.account.to_json()},
-                **self.stats.summary(self.bundle.n_hot, self.cfg.n_ff)}
-
-
-def load(path: str, mode: str = "threshold", device: str = "auto", gpu_budget: int | str | None = None,
-         verify: str = "full", expect_fingerprint: str | None = None, **kw: Any) -> HybridModel:
-    """Load and verify a Bundle and build the hybrid model (see HybridModel for the keyword options)."""
-    return HybridModel(Bundle.load(path, verify=verify, expect_fingerprint=expect_fingerprint), mode=mode,
-                       device=device, gpu_budget=gpu_budget, **kw)
+        """Measurements since construction (or reset_stats()): prefill (batched forwards) and decode
+        (steps), per layer; memory; and the configuration."""
+        n_hot = [g.n_hot for g in self.gl]
+        s = self.measure.summary(n_hot, self.cfg.n_ff)
+        pre = s["prefill"]
+        tot = self.totals
+        tok = max(tot.tokens, 1)
+        hot = self.hot_active_sum.cpu().numpy()
+        cold = self.cold_active_sum
+        layers = []
+        for l in range(self.L):
+            a = float(hot[l] + cold[l])
+            gpu_ms = 1e3 * self.gpu_layer_s[l] / tok if (not self.cuda or self.time_gpu) else None
+            layers.append({"layer": l, "gpu_ms_per_token": gpu_ms, "cpu_ms_per_token": 1e3 * self.cpu_layer_s[l] / tok,
+                           "gpu_share": float(hot[l]) / a if a else None,
+                           "active_fraction": a / (tok * self.cfg.n_ff), "n_hot": n_hot[l]})
+        a_all = float(hot.sum() + cold.sum())
+        decode = {"tokens": tot.tokens, "seconds": tot.seconds,
+                  "tokens_per_s": tot.tokens / tot.seconds if tot.seconds > 0 else None,
+                  "ms_per_token": 1e3 * tot.seconds / tok,
+                  "gpu_ms_per_token": 1e3 * tot.gpu_s / tok, "cpu_ms_per_token": 1e3 * tot.cpu_kernel_s / tok,
+                  "cpu_wait_ms_per_token": 1e3 * tot.cpu_wait_s / tok, "launch_ms_per_token": 1e3 * tot.launch_s / tok,
+                  "cpu_GBps": tot.cpu_bytes / tot.cpu_kernel_s / 1e9 if tot.cpu_kernel_s > 0 else None,
+                  "gpu_share": float(hot.sum()) / a_all if a_all and tot.tokens else None,
+                  "active_fraction": a_all / (tok * self.cfg.n_ff * self.L) if tot.tokens else None,
+                  "layers": layers}
+        mem = self.memory()
+        gpu_b = mem["gpu_weights_and_kv"] - mem["gpu_kv"] + mem["gpu_predictors"]
+        return {"bundle": None if self.bundle is None else str(self.bundle.path), "mode": self.cold_mode,
+                "rule": self.rule if self.cold_mode != "exact" else None, "prefill": pre, "decode": decode,
+                "prefill_mode": self.prefill_mode, "device": self.facts(),
+                "dtype": str(self.dtype).replace("torch.", ""), "kernel": self.kernel.backend,
+                "n_hot": n_hot, "n_ff": self.cfg.n_ff,
+                "memory": {**self.measure.memory(gpu_b, mem["cpu_cold"], shared=not self.cuda),
+                           "held": mem, "account": None if self.account is None else self.account.to_json()}}

@@ -1,8 +1,13 @@
-"""Run a bundle's per-layer predictors (ONNX, exported by hotcold/exporter/predictors.py).
+"""The Bundle's ONNX predictors as the model's predictor-mode selector (design.md §5, hotcold.runtime.selectors).
 
-Backends: `torch` reads the ONNX initializers (w1 [r, D], b1 [r], w2 [F, r], b2 [F]) and runs the same
-two layers on the GPU side's device; `onnxruntime` runs the files as they are (CPU). Both return the
-cold neurons' logits only (the outputs are in bundle order: hot first, then cold).
+Per layer l a low-rank MLP, x [N, D] float32 -> logits [N, n_ff] (Linear -> ReLU -> Linear), whose
+outputs are in the Bundle's neuron order (its hot neurons, then its cold ones); a neuron is predicted
+active when its logit exceeds the layer's decision threshold. The weights are read from the ONNX files
+(initializers w1, b1, w2, b2) and evaluated on the GPU side in torch; `backend="onnxruntime"` runs the
+ONNX files themselves on the CPU instead (the reference the torch evaluation is checked against).
+
+Decisions are looked up by neuron id (through each slot's id), so they stay right after dynamic
+migration moves neurons between slots.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from hotcold.errors import IncompatibleError, InputError
-from hotcold.exporter import format as fmt
+from hotcold import bundle as fmt
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -34,7 +39,7 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
     return w
 
 
-class Predictors:
+class BundlePredictors:
     def __init__(self, bundle: Any, device: torch.device, backend: str = "torch"):
         if backend not in BACKENDS:
             raise InputError(f"unknown predictor backend {backend!r}", f"use one of: {', '.join(BACKENDS)}")
@@ -45,33 +50,62 @@ class Predictors:
         self.backend = backend
         self.device = device
         cfg = bundle.config
-        n_hot = bundle.n_hot
-        self.decision = [float(rec["decision_threshold"]) for rec in entry["layers"]]
+        L, n_ff = cfg.n_layers, cfg.n_ff
+        self.decision = torch.tensor([float(rec["decision_threshold"]) for rec in entry["layers"]],
+                                     dtype=torch.float32, device=device)
         self.ranks = [int(rec["rank"]) for rec in entry["layers"]]
-        self.layers: list[Any] = []
-        for i in range(cfg.n_layers):
-            path = bundle.path / fmt.predictor_file(i)
-            k = n_hot[i]
+        # column of neuron id n in layer l's outputs: the bundle order is hot ids, then cold ids
+        self.col = []
+        for l in range(L):
+            order = np.concatenate([bundle.hot_index(l).numpy(), bundle.cold_index(l).numpy()]).astype(np.int64)
+            col = np.empty(n_ff, dtype=np.int64)
+            col[order] = np.arange(n_ff)
+            self.col.append(torch.from_numpy(col).to(device))
+        self.w: list[tuple[torch.Tensor, ...]] = []
+        self.sessions: list[Any] = []
+        for l in range(L):
+            path = bundle.path / fmt.predictor_file(l)
             if backend == "torch":
                 w = read_weights(path)
-                self.layers.append(tuple(torch.from_numpy(np.array(w[n])).to(device) for n in ("w1", "b1")) +
-                                   tuple(torch.from_numpy(np.array(w[n][k:])).to(device) for n in ("w2", "b2")))
+                self.w.append(tuple(torch.from_numpy(np.array(w[n])).to(device).float() for n in ("w1", "b1", "w2", "b2")))
             else:
                 import onnxruntime as ort
 
                 so = ort.SessionOptions()
                 so.intra_op_num_threads = torch.get_num_threads()
-                self.layers.append((ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), k))
+                self.sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
+        self.logits = torch.zeros(L, n_ff, dtype=torch.float32, device=device)
+        self.on = torch.zeros(L, n_ff, dtype=torch.bool, device=device)
 
-    def cold_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """x [N, D] (FFN input) -> logits of the layer's cold neurons [N, c], float32."""
+    def layer_logits(self, l: int, x: torch.Tensor) -> torch.Tensor:
+        """x [N, D] -> logits [N, n_ff] in the bundle's neuron order, float32."""
         if self.backend == "torch":
-            w1, b1, w2, b2 = self.layers[layer]
+            w1, b1, w2, b2 = self.w[l]
             return F.linear(F.relu(F.linear(x.float(), w1, b1)), w2, b2)
-        sess, k = self.layers[layer]
-        (out,) = sess.run(["logits"], {"x": x.float().cpu().numpy()})
-        return torch.from_numpy(out[:, k:]).to(x.device)
+        (out,) = self.sessions[l].run(["logits"], {"x": x.detach().float().cpu().numpy()})
+        return torch.from_numpy(out).to(x.device)
 
-    def cold_active(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """[N, c] bool: the cold neurons predicted active."""
-        return self.cold_logits(layer, x) > self.decision[layer]
+    def _decide(self, eng, l: int, x: torch.Tensor) -> None:
+        self.logits[l].copy_(self.layer_logits(l, x.view(1, -1))[0])
+        self.on[l].copy_(self.logits[l] > self.decision[l])
+
+    def cold_mask(self, eng, l: int, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [C]: 1 for the cold slots predicted active (one decode token)."""
+        self._decide(eng, l, x)
+        return self.on[l].index_select(0, self.col[l].index_select(0, eng.cold_ids_dev[l])).to(torch.uint8)
+
+    def hot_active(self, eng, l: int, x: torch.Tensor) -> torch.Tensor:
+        """The decisions for the hot slots (from the same logits as cold_mask's)."""
+        return self.on[l].index_select(0, self.col[l].index_select(0, eng.hot_ids_dev[l])).float()
+
+    def cold_mask_batch(self, eng, l: int, x: torch.Tensor) -> torch.Tensor:
+        """bool [N, C]: the cold slots predicted active for each of N tokens (batched forward)."""
+        logits = self.layer_logits(l, x)
+        cols = self.col[l].index_select(0, eng.cold_ids_dev[l])
+        return logits.index_select(1, cols) > self.decision[l]
+
+    def gpu_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for w in self.w for t in w)
+
+    def bytes_per_token(self) -> int:
+        return self.gpu_bytes()

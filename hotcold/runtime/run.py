@@ -26,29 +26,32 @@ def prompt_token_ids(bundle: Any, prompt: str | None, chat: bool, token_ids: Seq
 
 
 def run_prompt(bundle: str, prompt: str | None = None, *, max_new_tokens: int = 128, temperature: float = 0.0,
-               seed: int = 0, chat: bool = True, token_ids: Sequence[int] | None = None, mode: str = "threshold",
-               device: str = "auto", gpu_budget: int | str | None = None, prefill: str = "dense",
-               threshold: float | None = None, max_len: int | None = None, verify: str = "full",
-               expect_fingerprint: str | None = None, predictor_backend: str = "torch",
-               on_token: Callable[[int], None] | None = None, model: Any = None, resident: bool | None = None) -> dict[str, Any]:
-    """Generate from a bundle; returns {text, token ids, tokens/s, per-layer times, GPU share, memory, ...}."""
-    from hotcold.runtime.bundle import Bundle
-    from hotcold.runtime.model import HybridModel
+               top_p: float = 1.0, seed: int = 0, chat: bool = True, token_ids: Sequence[int] | None = None,
+               mode: str = "threshold", device: str = "auto", gpu_budget: int | str | None = None,
+               prefill: str = "dense", threshold: float | None = None, max_len: int | None = None,
+               verify: str = "full", expect_fingerprint: str | None = None, predictor_backend: str = "torch",
+               on_token: Callable[[int], bool | None] | None = None, model: Any = None,
+               resident: bool | None = None, **model_kw: Any) -> dict[str, Any]:
+    """Generate from a bundle; returns {text, token ids, tokens/s, per-layer times, GPU share, memory,
+    which kernels and graphs ran, ...}."""
+    from hotcold.bundle import Bundle
+    from hotcold.runtime.build import from_bundle
 
     if model is None:
         b = Bundle.load(bundle, verify=verify, expect_fingerprint=expect_fingerprint)
         ids = prompt_token_ids(b, prompt, chat, token_ids)
         need = len(ids) + max_new_tokens
-        model = HybridModel(b, mode=mode, device=device, gpu_budget=gpu_budget, prefill=prefill,
+        model = from_bundle(b, mode=mode, device=device, gpu_budget=gpu_budget, prefill=prefill,
                             thresholds=threshold, max_len=max_len or need, predictor_backend=predictor_backend,
-                            resident=resident)
+                            resident=resident, **model_kw)
     else:
         ids = prompt_token_ids(model.bundle, prompt, chat, token_ids)
-    g = model.generate(ids, max_new_tokens, temperature, seed, on_token)
+    g = model.generate(ids, max_new_tokens, temperature, seed, on_token, top_p=top_p)
     tok = model.bundle.tokenizer
     rep = model.report()
     return {"text": tok.decode(g.new_ids) if tok is not None else None, "prompt_tokens": len(ids),
             "new_tokens": len(g.new_ids), "new_ids": g.new_ids, "stop_reason": g.stop_reason,
             "prefill_tokens_per_s": round(g.prefill_tokens_per_s, 3),
             "decode_tokens_per_s": round(g.decode_tokens_per_s, 3),
+            "decode_ms_per_token": round(1e3 / g.decode_tokens_per_s, 4) if g.decode_tokens_per_s else None,
             "prefill_seconds": g.prefill_seconds, "decode_seconds": g.decode_seconds, **rep}

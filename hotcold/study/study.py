@@ -141,7 +141,7 @@ def parse_policy(spec: str) -> tuple[str, float | None]:
     """'fixed', 'fixed:tau=0.2', 'impact', 'adaptive', 'dynamic' -> (policy, tau).
 
     `dynamic` starts from the `fixed` placement of the same budget and lets the runtime move neurons
-    between GPU and CPU while it generates (hotcold.accel.dynamic), so its GPU memory is fixed's.
+    between GPU and CPU while it generates (hotcold.runtime.dynamic), so its GPU memory is fixed's.
     """
     name, _, rest = spec.partition(":")
     if name not in ("fixed", "impact", "adaptive", "dynamic"):
@@ -203,7 +203,7 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
     from hotcold.profiler.engine import ProfileOptions, profile_dataset
     from hotcold.quality.metrics import compare_logits, perplexity
     from hotcold.runtime.model import HybridModel
-    from hotcold.runtime.bundle import Bundle
+    from hotcold.bundle import Bundle
     from hotcold.solver.hardware import calibrate, resolve
     from hotcold.solver.solve import solve
     from hotcold.workloads import load_dataset
@@ -414,8 +414,8 @@ def run_engine(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: s
     """
     import torch
 
-    from hotcold.accel.build import from_bundle
-    from hotcold.accel.dynamic import DynamicPlacement
+    from hotcold.runtime.build import from_bundle
+    from hotcold.runtime.dynamic import DynamicPlacement
     from hotcold.quality.metrics import compare_logits, perplexity
     from hotcold.solver.costmodel import CostModel
 

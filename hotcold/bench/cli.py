@@ -1,4 +1,4 @@
-"""`hotcold bench`: the hybrid engine against the baselines, at equal GPU budget (see hotcold.accel.bench).
+"""`hotcold bench`: the hybrid engine against the baselines, at equal GPU budget (see hotcold.bench.harness).
 
 Nothing heavy is imported at module level.
 """
@@ -53,8 +53,8 @@ def bench_cmd(
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    from hotcold.accel.bench import BenchOptions, run_bench, save_json
-    from hotcold.accel.kernels import GROUPS
+    from hotcold.bench.harness import BenchOptions, run_bench, save_json
+    from hotcold.runtime.coldkernel import GROUPS
     from hotcold.errors import InputError
     from hotcold.memory import parse_bytes
     from hotcold.model.config import shape as get_shape

@@ -1,4 +1,4 @@
-"""The GPU side's Triton kernels (hotcold.accel.triton_ops) against torch, and the engine built on them.
+"""The GPU side's Triton kernels (hotcold.runtime.triton_ops) against torch, and the engine built on them.
 
 Runs on a CUDA machine, or on the CPU through Triton's interpreter (TRITON_INTERPRET=1 in the environment);
 skipped where neither is possible (CI has no triton)."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hotcold.accel import triton_ops
+from hotcold.runtime import triton_ops
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_ops.available(DEV),
@@ -120,7 +120,7 @@ def _decode(eng, ids):
 
 @pytest.mark.parametrize("sizes", [(256, 256, 256, 256), (10, 128, 256, 0)], ids=["all-gpu", "split"])
 def test_engine_triton_equals_dense(src, ref, sizes):
-    from hotcold.accel.build import from_source
+    from hotcold.runtime.build import from_source
 
     rng = np.random.default_rng(0)
     hot = [rng.permutation(src.config.n_ff)[:k] for k in sizes]
@@ -131,8 +131,8 @@ def test_engine_triton_equals_dense(src, ref, sizes):
 
 
 def test_engine_triton_migration_keeps_exact_output(src, ref):
-    from hotcold.accel.build import from_source
-    from hotcold.accel.dynamic import DynamicPlacement
+    from hotcold.runtime.build import from_source
+    from hotcold.runtime.dynamic import DynamicPlacement
     from hotcold.solver.costmodel import CostModel
     from hotcold.solver.hardware import preset
 
@@ -154,8 +154,8 @@ def test_engine_triton_migration_keeps_exact_output(src, ref):
 
 def test_sampled_predictor_fused_mask_equals_torch(src):
     """fill_cold_mask through the Triton kernels draws the same decisions as the torch path."""
-    from hotcold.accel.build import from_source
-    from hotcold.accel.selectors import SampledPredictor
+    from hotcold.runtime.build import from_source
+    from hotcold.runtime.selectors import SampledPredictor
 
     cfg = src.config
     f = np.random.default_rng(1).random((cfg.n_layers, cfg.n_ff)) ** 3

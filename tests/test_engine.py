@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hotcold.accel.build import from_source
-from hotcold.accel.kernels import ColdKernel, numba_available
+from hotcold.runtime.build import from_source
+from hotcold.runtime.coldkernel import ColdKernel, numba_available
 from hotcold.model.dense import DenseModel
 from hotcold.model.registry import load_source
 
@@ -87,7 +87,7 @@ def test_cold_kernel_modes(backend, group, dynamic, dtype, mode):
 
 
 def test_predictor_mode_with_oracle_equals_threshold_mode(src):
-    from hotcold.accel.selectors import OracleSelector
+    from hotcold.runtime.selectors import OracleSelector
 
     cfg = src.config
     hot = _hot(cfg, (30, 60, 90, 120), seed=3)
@@ -107,7 +107,7 @@ def test_predictor_mode_with_oracle_equals_threshold_mode(src):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_migration_keeps_exact_output(src, ref, backend):
     """Neurons move between GPU slots and the CPU while generating; exact-mode logits stay the dense ones."""
-    from hotcold.accel.dynamic import DynamicPlacement
+    from hotcold.runtime.dynamic import DynamicPlacement
     from hotcold.solver.costmodel import CostModel
     from hotcold.solver.hardware import preset
 
@@ -140,8 +140,8 @@ def test_migration_keeps_exact_output(src, ref, backend):
 
 def test_dynamic_moves_hot_neurons_of_a_shifted_workload(src):
     """A sampled workload whose hot neurons are not the placement's: the dynamic mode finds them."""
-    from hotcold.accel.dynamic import DynamicPlacement
-    from hotcold.accel.selectors import SampledPredictor
+    from hotcold.runtime.dynamic import DynamicPlacement
+    from hotcold.runtime.selectors import SampledPredictor
     from hotcold.solver.costmodel import CostModel
     from hotcold.solver.hardware import preset
 
@@ -169,8 +169,8 @@ def test_dynamic_moves_hot_neurons_of_a_shifted_workload(src):
 
 def test_dynamic_noise_margin_holds_still_on_a_matched_workload(src):
     """The workload is the profile's: with the noise margin few neurons move; on point estimates many do."""
-    from hotcold.accel.dynamic import DynamicPlacement
-    from hotcold.accel.selectors import SampledPredictor
+    from hotcold.runtime.dynamic import DynamicPlacement
+    from hotcold.runtime.selectors import SampledPredictor
     from hotcold.solver.costmodel import CostModel
     from hotcold.solver.hardware import preset
 
@@ -205,7 +205,7 @@ def test_hold_density_moves_thresholds(src):
 
 def test_from_bundle_equals_dense(src, ref, tmp_path):
     export = pytest.importorskip("hotcold.exporter.export")
-    from hotcold.accel.build import from_bundle
+    from hotcold.runtime.build import from_bundle
     from hotcold.solver.solve import solve_frequencies
 
     cfg = src.config
@@ -228,7 +228,7 @@ def test_from_bundle_equals_dense(src, ref, tmp_path):
 def test_bench_cli_toy(tmp_path):
     from typer.testing import CliRunner
 
-    from hotcold.accel.cli import register
+    from hotcold.bench.cli import register
     import typer
 
     app = typer.Typer()
@@ -260,8 +260,8 @@ def test_engine_with_dense_hot_neurons_equals_the_runtime(src, tmp_path):
     """threshold mode, gate rule: the engine with sparse_hot=False computes what hotcold.runtime computes
     (hot neurons dense, cold ones by |silu(g)| > t_l); with sparse_hot=True it thresholds hot ones too."""
     export = pytest.importorskip("hotcold.exporter.export")
-    from hotcold.accel.build import from_bundle
-    from hotcold.runtime.bundle import Bundle
+    from hotcold.runtime.build import from_bundle
+    from hotcold.bundle import Bundle
     from hotcold.runtime.model import HybridModel
 
     cfg = src.config

@@ -1,25 +1,16 @@
-"""The CPU worker's sparse kernels over the cold layouts (hotcold/exporter/format.py).
+"""The cold kernels of the `split` CPU layout (hotcold.bundle): after one dense gemv over the stored
+[D, 2C] gate/up matrix, the down rows of the active neurons.
 
-A kernel is an object with the two methods below; the runtime takes one by name or as an object
-(`HybridModel(kernel=...)`), so a compiled gather-dot (numba, C++) can replace the torch one for the H200
-(issue 6) without touching the runtime.
-
-    up_down(x [N, D], coef [N, m], idx [m] int64, up_down [c, 2D]) -> y [N, D]
-        bundled layout: y = Σ_j coef[:, j] · (up_idx[j] · x) · down_idx[j]   (coef = act(gate) of the
-        active neurons, 0 where a token's neuron is inactive)
     down(w [nnz], idx [nnz] int64, offsets [N] int64, rows [c, D]) -> y [N, D]
-        y[t] = Σ_{k in token t's slice} w[k] · rows[idx[k]]   (the down projection of the active
-        neurons, per token: CSR slices idx[offsets[t]:offsets[t+1]])
+        y[t] = Σ_{k in token t's slice} w[k] · rows[idx[k]]   (CSR slices idx[offsets[t]:offsets[t+1]])
     threshold_down(a [c], t, rows [c, D]) -> (y [1, D], m)
         one decoding token under the product rule: y = Σ_{j: |a_j| > t} a_j · rows[j], m = #{j: |a_j| > t}
 
 `CKernel` (the default where a C compiler is present, ckernel.py): `threshold_down` in one compiled call,
-the rest as `TorchKernel`. `TorchKernel`: `up_down` gathers the active neurons' bundled [up | down] rows into one block
-(index_select) and runs two dense ops on it; `down` is `embedding_bag` (weighted row sums read in place,
-nothing copied). embedding_bag parallelises over bags only, so with 4 or more threads a single token's
-active list is cut into one bag per thread and the partial sums added (measured: 3.4 -> 1.1 ms per 30
-SmolLM2 layers at 4 threads); with 2 threads one bag is faster (184 vs 261 us per SmolLM2 layer at 50%
-sparsity on the 2-core dev machine, where the second thread is also the one other jobs contend for).
+`down` as `TorchKernel`. `TorchKernel.down` is `embedding_bag` (weighted row sums read in place, nothing
+copied). embedding_bag parallelises over bags only, so with 4 or more threads a single token's active
+list is cut into one bag per thread and the partial sums added; with 2 threads one bag is faster
+(docs/runtime.md has the measurements).
 """
 
 from __future__ import annotations
@@ -33,12 +24,6 @@ SPLIT_BAG_MIN_THREADS = 4  # see the module docstring
 
 class TorchKernel:
     name = "torch"
-
-    def up_down(self, x: torch.Tensor, coef: torch.Tensor, idx: torch.Tensor, up_down: torch.Tensor) -> torch.Tensor:
-        D = x.shape[-1]
-        blk = up_down.index_select(0, idx)  # [m, 2D]: one contiguous block per active neuron
-        u = F.linear(x, blk[:, :D])  # [N, m]
-        return F.linear(coef * u, blk[:, D:].t())  # [N, D]
 
     def down(self, w: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         p = torch.get_num_threads()
@@ -102,14 +87,3 @@ def get_kernel(kernel: str | object | None):
 
 
 _ZERO = torch.zeros(1, dtype=torch.long)
-
-
-def csr(vals: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token active entries of vals [N, m] where mask: (values [nnz], columns [nnz], offsets [N])."""
-    if vals.shape[0] == 1:
-        pos = mask[0].nonzero().squeeze(1)
-        return vals[0].index_select(0, pos), pos, _ZERO
-    nz = mask.nonzero()  # row-major: grouped by token
-    r, c = nz[:, 0], nz[:, 1]
-    counts = torch.bincount(r, minlength=vals.shape[0])
-    return vals[r, c], c, torch.cumsum(counts, 0) - counts

@@ -38,7 +38,7 @@ def cold_kernel_table(dim: int = 8192, rows: int = 22938, density: float = 0.10,
                       modes: tuple[str, ...] = ("predictor", "threshold", "exact"), reps: int = 5,
                       log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """The cold kernel's achieved GB/s on one layer's cold rows (sampled active set at `density`)."""
-    from hotcold.accel.kernels import ColdKernel, numba_available
+    from hotcold.runtime.coldkernel import ColdKernel, numba_available
 
     out = []
     g = torch.Generator().manual_seed(0)
@@ -149,11 +149,11 @@ def measured_spec(m: dict[str, Any], cold_GBps: float, name: str = "h200-measure
     link = dataclasses.replace(base.link, pcie_bandwidth=min(m["pcie_h2d_GBps"], m["pcie_d2h_GBps"]) * 1e9,
                                sync_seconds=m["event_round_trip_us"] * 1e-6)
     notes = dict(base.notes)
-    notes.update({"gpu.bandwidth": "measured: fp16 F.linear over 1 GiB (hotcold.accel.calib)",
+    notes.update({"gpu.bandwidth": "measured: fp16 F.linear over 1 GiB (hotcold.runtime.calib)",
                   "cpu.bandwidth": "measured: the engine's numba cold kernel, predictor mode, fp16, 10% of one "
                                    "70B layer's cold rows",
                   "link": "measured: pinned 256 MiB copies; 32 KB round trip + event sync"})
-    return dataclasses.replace(base, name=name, gpu=gpu, cpu=cpu, link=link, source="measured (hotcold.accel.calib)",
+    return dataclasses.replace(base, name=name, gpu=gpu, cpu=cpu, link=link, source="measured (hotcold.runtime.calib)",
                                notes=notes, measurements=m)
 
 
@@ -167,7 +167,7 @@ def call_pattern(threads: tuple[int, ...], dim: int = 8192, rows: int = 22938, d
 
     With `read_peak`, the plain read rate of the same memory is measured too (`read_ceiling`), as a
     row with group 0: the CPU side of the machine's floor."""
-    from hotcold.accel.kernels import ColdKernel
+    from hotcold.runtime.coldkernel import ColdKernel
 
     rng = np.random.default_rng(0)
     pattern = torch.from_numpy((rng.standard_normal((64, 3 * dim)) * dim ** -0.5).astype(np.float16))
@@ -219,7 +219,7 @@ def _read_kernels() -> dict[int, Any]:
     does fewer), each read as 1 or 8 interleaved sub-blocks (DRAM streams in flight per core)."""
     from numba import get_num_threads, njit, prange
 
-    from hotcold.accel.kernels import fetch_add
+    from hotcold.runtime.coldkernel import fetch_add
 
     fa = fetch_add()
 

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hotcold.accel.engine import HybridEngine
-from hotcold.accel.kernels import gather_rows, scatter_rows
+from hotcold.runtime.model import HybridEngine
+from hotcold.runtime.coldkernel import gather_rows, scatter_rows
 from hotcold.solver.costmodel import CostModel
 
 

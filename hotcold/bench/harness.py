@@ -15,7 +15,7 @@ Runs, each timed after a warm-up with the device synchronised every token:
                      streamed layer both overlapped (prefetch on a side stream: the best case) and
                      sequential (copy, then compute: what accelerate's hooks do), then composed
   hotcold-<policy>   neuron split with a Placement (fixed / adaptive) in predictor mode
-  hotcold-dynamic    the fixed placement plus online migration (hotcold.accel.dynamic)
+  hotcold-dynamic    the fixed placement plus online migration (hotcold.runtime.dynamic)
 Workloads: `matched` (the profile the placements were made from) and `shifted` (another profile of the
 same source model, mapped with the same neuron identities). The cost model's prediction (the solver's
 CostModel on the workload's real frequencies and the actual hot sets) is reported beside each result.
@@ -303,11 +303,11 @@ class BenchOptions:
 
 
 def run_bench(o: BenchOptions) -> dict[str, Any]:
-    from hotcold.accel import workload as wl
-    from hotcold.accel.build import split_layer
-    from hotcold.accel.engine import HybridEngine
-    from hotcold.accel.kernels import default_dynamic, default_group
-    from hotcold.accel.selectors import SampledPredictor
+    from hotcold.workloads import frequencies as wl
+    from hotcold.runtime.build import split_layer
+    from hotcold.runtime.model import HybridEngine
+    from hotcold.runtime.coldkernel import default_dynamic, default_group
+    from hotcold.runtime.selectors import SampledPredictor
     from hotcold.memory import canonical_dtype, default_predictor_rank
     from hotcold.model.config import shape
     from hotcold.solver.costmodel import CostModel
@@ -485,7 +485,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
         eng = engine_for(hot, cold, "predictor", selector=sel)
         dyn = None
         if dynamic:
-            from hotcold.accel.dynamic import DynamicPlacement
+            from hotcold.runtime.dynamic import DynamicPlacement
 
             dyn = DynamicPlacement(eng, cm, f_match, every=o.dyn_every, max_swaps=o.dyn_max_swaps,
                                    margin=o.dyn_margin)
@@ -599,8 +599,8 @@ def check_gpu_paths(cfg: ModelConfig, glob: dict, layers: list, dev, dtype: torc
                     n_layers: int = 2, tokens: int = 4) -> dict[str, Any]:
     """The Triton GPU path against the torch one on the first `n_layers` layers (all hot, exact mode):
     the relative difference of the logits over a few decoded tokens (same tokens fed to both)."""
-    from hotcold.accel.build import split_layer
-    from hotcold.accel.engine import HybridEngine
+    from hotcold.runtime.build import split_layer
+    from hotcold.runtime.model import HybridEngine
 
     c2 = cfg.replace(n_layers=n_layers)
     out = {}
@@ -630,7 +630,7 @@ def check_gpu_paths(cfg: ModelConfig, glob: dict, layers: list, dev, dtype: torc
 
 def prepare(o: BenchOptions, cfg: ModelConfig, dt_name: str, hw, rank: int, res: dict[str, Any]) -> dict[str, Any]:
     """Workload frequencies (mapped, rescaled to the cold density), the scaled budget and the placements."""
-    from hotcold.accel import workload as wl
+    from hotcold.workloads import frequencies as wl
     from hotcold.model.config import shape
 
     log = o.log
@@ -640,7 +640,7 @@ def prepare(o: BenchOptions, cfg: ModelConfig, dt_name: str, hw, rank: int, res:
         srcs, infos = zip(*[wl.load_frequencies(p) for p in o.profiles])
         fs = wl.map_by_depth(list(srcs), cfg.n_layers, cfg.n_ff, seed=o.seed)
         res["workloads"] = {"method": "source profile layers mapped by relative depth, neurons by a shared "
-                                      "random map with log-normal jitter 0.25 (hotcold.accel.workload)",
+                                      "random map with log-normal jitter 0.25 (hotcold.workloads.frequencies)",
                             "profiles": list(infos)}
     else:
         f0 = wl.synthetic(cfg.n_layers, cfg.n_ff, o.seed)
@@ -728,7 +728,7 @@ def fit_hardware(res: dict[str, Any], hw, cfg: ModelConfig, dt_name: str, o: Ben
         link = dataclasses.replace(base.link, sync_seconds=extra)
         note = {"link.sync_seconds": "fitted: hotcold-fixed time not explained, per split layer"}
     fitted = dataclasses.replace(base, name=f"{hw.name}-fitted", link=link,
-                                 source="fitted by hotcold bench (hotcold.accel.bench.fit_hardware)",
+                                 source="fitted by hotcold bench (hotcold.bench.harness.fit_hardware)",
                                  notes={**hw.notes, "gpu.bandwidth": "fitted: dense-gpu run, achieved",
                                         "cpu.bandwidth": "fitted: hotcold-fixed run, cold kernel achieved", **note})
     res["hardware_fitted"] = fitted.to_json()

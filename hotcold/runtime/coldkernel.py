@@ -7,8 +7,9 @@ so an active neuron is two contiguous reads (16 KB + 32 KB at LLaMA-70B shape in
 
 For every slot j the kernel computes, with x [D] float32 and s = silu(gate_j · x):
     exact       every slot is active
-    threshold   active iff |s| > t (CATS: decidable from the gate row alone; the up/down rows of an
-                inactive neuron are never read)
+    threshold   rule `gate`: active iff |s| > t (CATS: decidable from the gate row alone; the up/down
+                rows of an inactive neuron are never read); rule `product`: active iff |s·(up_j · x)| > t
+                (the gate and up rows of every slot are read, the down row only when active)
     predictor   the slots whose `mask` byte is set (chosen on the GPU side) are active; no other
                 row is read
 and returns y = Σ_active s·(up_j · x)·down_j  [D] float32, the layer's CPU partial sum.
@@ -43,7 +44,8 @@ import numpy as np
 import torch
 
 MODES = ("exact", "threshold", "predictor")
-_MODE_ID = {"exact": 0, "threshold": 1, "predictor": 2}
+RULES = ("gate", "product")  # threshold mode's activation rule: |act(g)| > t, or |act(g) * u| > t
+_MODE_ID = {"exact": 0, "threshold": 1, "predictor": 2, "product": 3}
 BACKENDS = ("auto", "numba", "torch")
 
 
@@ -270,6 +272,30 @@ def _numba_kernels(kind: str, group: int = 1, dynamic: bool = False) -> Any:
             ud1(x, up_down, acc, pj[i], ps[i], D)
             i += 1
 
+    @njit(inline="always", fastmath=FM)
+    def dflush(up_down, acc, pj, pa, n, D):
+        """Product rule: acc += a·down of the n queued neurons pj (a in pa), 4, 2, then 1 at a time."""
+        i = 0
+        while i + 4 <= n:
+            j0, j1, j2, j3 = pj[i], pj[i + 1], pj[i + 2], pj[i + 3]
+            a0, a1, a2, a3 = pa[i], pa[i + 1], pa[i + 2], pa[i + 3]
+            for k in range(D):
+                acc[k] += (a0 * widen(up_down[j0, D + k]) + a1 * widen(up_down[j1, D + k])
+                           + a2 * widen(up_down[j2, D + k]) + a3 * widen(up_down[j3, D + k]))
+            i += 4
+        while i + 2 <= n:
+            j0, j1 = pj[i], pj[i + 1]
+            a0, a1 = pa[i], pa[i + 1]
+            for k in range(D):
+                acc[k] += a0 * widen(up_down[j0, D + k]) + a1 * widen(up_down[j1, D + k])
+            i += 2
+        while i < n:
+            j0 = pj[i]
+            a0 = pa[i]
+            for k in range(D):
+                acc[k] += a0 * widen(up_down[j0, D + k])
+            i += 1
+
     # whole neurons (predictor and exact mode): gate, up and down rows of a group streamed side by side
     @njit(inline="always", fastmath=FM)
     def one(x, gate, up_down, acc, j, D):
@@ -318,7 +344,8 @@ def _numba_kernels(kind: str, group: int = 1, dynamic: bool = False) -> Any:
 
     @njit(parallel=True, fastmath=FM, nogil=True, cache=False)
     def cold_ffn(x, gate, up_down, mask, thr, mode, parts, y, active, ctr, counts):
-        """mode 0 exact, 1 threshold, 2 predictor (mask[j] != 0 selects slot j). Returns #active.
+        """mode 0 exact, 1 threshold (gate rule), 2 predictor (mask[j] != 0 selects slot j), 3 threshold
+        (product rule). Returns #active.
         ctr: int64 [1], the dynamic schedule's shared counter (zeroed here). counts: float32 [C] to which
         every active slot adds 1 (the dynamic mode's statistics; each slot is one thread's), or [0]."""
         K = counts.shape[0] > 0
@@ -334,7 +361,65 @@ def _numba_kernels(kind: str, group: int = 1, dynamic: bool = False) -> Any:
             n = 0
             mine = np.empty(G, dtype=np.int64)
             sv = np.empty(8, dtype=np.float32)
-            if DYN and mode == 1:
+            if mode == 3:
+                # product rule: gate and up dots of up to 4 slots side by side (the up row is the first half
+                # of up_down), a = silu(g)·u; the slots over the threshold queue up for their down rows.
+                # Slots come in chunks of CHUNK: consecutive from the shared counter (dynamic), or this
+                # thread's strided share (static)
+                pa = np.empty(G, dtype=np.float32)
+                rows = np.empty(CHUNK, dtype=np.int64)
+                b0 = t
+                while True:
+                    m = 0
+                    if DYN:
+                        c0 = _fetch_add(ctr, np.int64(CHUNK))
+                        if c0 >= C:
+                            break
+                        m = min(C, c0 + CHUNK) - c0
+                        for i in range(m):
+                            rows[i] = c0 + i
+                    else:
+                        while m < CHUNK and b0 < C:
+                            rows[m] = b0
+                            m += 1
+                            b0 += T
+                        if m == 0:
+                            break
+                    ii = 0
+                    while ii < m:
+                        w = 1
+                        if G >= 4 and ii + 4 <= m:
+                            j0, j1, j2, j3 = rows[ii], rows[ii + 1], rows[ii + 2], rows[ii + 3]
+                            g0, g1, g2, g3 = dot4(gate, j0, j1, j2, j3, x)
+                            u0, u1, u2, u3 = dot4(up_down, j0, j1, j2, j3, x)
+                            sv[0], sv[1], sv[2], sv[3] = silu(g0) * u0, silu(g1) * u1, silu(g2) * u2, silu(g3) * u3
+                            w = 4
+                        elif G >= 2 and ii + 2 <= m:
+                            g0, g1 = dot2(gate, rows[ii], rows[ii + 1], x)
+                            u0, u1 = dot2(up_down, rows[ii], rows[ii + 1], x)
+                            sv[0], sv[1] = silu(g0) * u0, silu(g1) * u1
+                            w = 2
+                        else:
+                            sv[0] = silu(dot1(gate, rows[ii], x)) * dot1(up_down, rows[ii], x)
+                        for i in range(w):
+                            j = rows[ii + i]
+                            if abs(sv[i]) > thr:
+                                mine[n] = j
+                                pa[n] = sv[i]
+                                n += 1
+                                active[j] = 1
+                                if K:
+                                    counts[j] += 1.0
+                                cnt += 1
+                                if n == G:
+                                    dflush(up_down, acc, mine, pa, n, D)
+                                    n = 0
+                            else:
+                                active[j] = 0
+                        ii += w
+                dflush(up_down, acc, mine, pa, n, D)
+                n = 0
+            elif DYN and mode == 1:
                 # threshold: chunks of CHUNK consecutive slots (their gate rows are one contiguous block),
                 # gate dots G rows at a time; the neurons over the threshold queue up for their up/down rows
                 ps = np.empty(G, dtype=np.float32)
@@ -508,12 +593,24 @@ class ColdResult:
 class ColdKernel:
     """The cold FFN of one process: picks the backend once, reuses its buffers across calls.
 
-    Call with CPU tensors: gate [C, D], up_down [C, 2D] (same dtype), x [D] float32 (contiguous).
+    `run(layer, x, mode, rule=...)` takes a CpuLayer in either Bundle layout: `bundled` goes to
+    `__call__` (gate [C, D], up_down [C, 2D], same dtype; x [D] float32, contiguous), `split` to one
+    dense gemv over the stored [D, 2C] gate/up matrix followed by the down rows of the active neurons
+    (hotcold.runtime.splitkernel: a compiled threshold-and-sum for the product rule, embedding_bag
+    otherwise).
     """
 
     def __init__(self, dim: int, backend: str = "auto", threads: int | None = None, group: int | None = None,
-                 dynamic: bool | None = None):
+                 dynamic: bool | None = None, activation: str = "silu"):
         self.backend = resolve_backend(backend)
+        if activation != "silu" and self.backend == "numba":
+            if backend == "numba":
+                from hotcold.errors import InputError
+
+                raise InputError("the numba cold kernel computes SiLU gates only", "use --cpu-kernel torch")
+            self.backend = "torch"
+        self.activation = activation
+        self._act = torch.nn.functional.silu if activation == "silu" else torch.nn.functional.relu
         self.group = default_group() if group is None else int(group)
         self.dynamic = default_dynamic() if dynamic is None else bool(dynamic)
         self._ctr = np.zeros(1, dtype=np.int64)
@@ -526,11 +623,16 @@ class ColdKernel:
         self.threads = threads
         self.y = torch.zeros(dim, dtype=torch.float32)
         self._parts: np.ndarray | None = None
+        self._split = None
         if self.backend == "numba":
             import numba
 
             numba.set_num_threads(min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
             self._parts = np.zeros((numba.get_num_threads(), dim + 1), dtype=np.float32)
+
+    @property
+    def name(self) -> str:
+        return self.backend
 
     def warm_up(self, dtype: torch.dtype) -> None:
         """Compile (numba) for `dtype` on a tiny problem, so timing never includes the JIT."""
@@ -540,28 +642,41 @@ class ColdKernel:
         x = torch.zeros(D)
         act = torch.zeros(2, dtype=torch.uint8)
         for mode in MODES:
-            self(x, g, ud, mode, mask=torch.ones(2, dtype=torch.uint8), thr=0.0, active=act)
+            for rule in RULES if mode == "threshold" else ("gate",):
+                self(x, g, ud, mode, mask=torch.ones(2, dtype=torch.uint8), thr=0.0, active=act, rule=rule)
         if self.backend == "numba":
             gather, scatter = _numba_rows()
             a = _u16(ud)
             gather(a, np.zeros(1, np.int64), a[:1].copy())
             scatter(a.copy(), np.zeros(1, np.int64), a[:1].copy())
 
+    def run(self, layer: Any, x: torch.Tensor, mode: str, *, rule: str = "gate", mask: torch.Tensor | None = None,
+            thr: float = 0.0, active: torch.Tensor | None = None, out: torch.Tensor | None = None,
+            counts: np.ndarray | None = None) -> ColdResult:
+        """One layer's cold partial sum for a CpuLayer (hotcold.runtime.model) in either layout."""
+        if layer.gate is not None:
+            return self(x, layer.gate, layer.up_down, mode, mask=mask, thr=thr, active=active, out=out,
+                        counts=counts, rule=rule)
+        return self._split_layout(layer, x, mode, rule, mask, thr, active, out, counts)
+
     def __call__(self, x: torch.Tensor, gate: torch.Tensor, up_down: torch.Tensor, mode: str, *,
                  mask: torch.Tensor | None = None, thr: float = 0.0, active: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None, counts: np.ndarray | None = None) -> ColdResult:
-        """mask: uint8 [C], nonzero = compute this slot (predictor mode); active: uint8 [C] flags out
-        (in predictor mode the mask itself: pass the same tensor or none); out: float32 [D] for y;
-        counts: float32 [C], += 1 where a slot was active (counted inside the numba kernel, which touches
-        only the active slots; numpy over all C slots costs ~45 µs a layer at 70B shape)."""
+                 out: torch.Tensor | None = None, counts: np.ndarray | None = None, rule: str = "gate") -> ColdResult:
+        """The bundled layout. mask: uint8 [C], nonzero = compute this slot (predictor mode); active: uint8
+        [C] flags out (in predictor mode the mask itself: pass the same tensor or none); out: float32 [D]
+        for y; counts: float32 [C], += 1 where a slot was active (counted inside the numba kernel, which
+        touches only the active slots; numpy over all C slots costs ~45 µs a layer at 70B shape)."""
         import time
 
         C, D = gate.shape
         y = self.y if out is None else out
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}")
+        if rule not in RULES:
+            raise ValueError(f"rule {rule!r}")
         if mode == "predictor" and mask is None:
             raise ValueError("predictor mode needs a mask")
+        kmode = "product" if mode == "threshold" and rule == "product" else mode
         if active is None:
             active = mask if mode == "predictor" else torch.zeros(C, dtype=torch.uint8)
         t0 = time.perf_counter()
@@ -571,18 +686,20 @@ class ColdKernel:
         elif self.backend == "numba":
             fn = _numba_kernels(_KIND[gate.dtype], self.group, self.dynamic)
             m = mask if mask is not None else active
-            n = fn(x.numpy(), _u16(gate), _u16(up_down), m.numpy(), np.float32(thr), _MODE_ID[mode],
+            n = fn(x.numpy(), _u16(gate), _u16(up_down), m.numpy(), np.float32(thr), _MODE_ID[kmode],
                    self._parts, y.numpy(), active.numpy(), self._ctr,
                    self._no_counts if counts is None else counts)
         else:
-            n = self._torch(x, gate, up_down, mode, mask, thr, active, y)
+            n = self._torch(x, gate, up_down, kmode, mask, thr, active, y)
             if counts is not None:
                 counts += active.numpy()
         dt = time.perf_counter() - t0
         es = gate.element_size()
-        if mode == "threshold":
+        if kmode == "threshold":
             nbytes = C * D * es + n * 2 * D * es
-        elif mode == "exact":
+        elif kmode == "product":
+            nbytes = C * 2 * D * es + n * D * es
+        elif kmode == "exact":
             nbytes = C * 3 * D * es
         else:
             nbytes = n * 3 * D * es
@@ -591,17 +708,25 @@ class ColdKernel:
     def _torch(self, x, gate, up_down, mode, mask, thr, active, y) -> int:
         # float32 arithmetic on upcast rows, like the numba kernel (this path is for small shapes)
         D = gate.shape[1]
+        act = self._act
         if mode == "predictor":
             idx = mask.nonzero().flatten()
             g = gate.index_select(0, idx).float() @ x
+        elif mode == "product":
+            a = act(gate.float() @ x) * (up_down[:, :D].float() @ x)
+            idx = (a.abs() > thr).nonzero().flatten()
+            y.copy_(a.index_select(0, idx) @ up_down.index_select(0, idx)[:, D:].float())
+            active.zero_()
+            active[idx] = 1
+            return int(idx.numel())
         else:
             g = gate.float() @ x
             idx = None
             if mode == "threshold":
-                idx = (torch.nn.functional.silu(g).abs() > thr).nonzero().flatten()
+                idx = (act(g).abs() > thr).nonzero().flatten()
                 g = g.index_select(0, idx)
         rows = (up_down if idx is None else up_down.index_select(0, idx)).float()
-        a = torch.nn.functional.silu(g) * (rows[:, :D] @ x)
+        a = act(g) * (rows[:, :D] @ x)
         y.copy_(a @ rows[:, D:])
         if idx is None:
             active.fill_(1)
@@ -610,6 +735,51 @@ class ColdKernel:
             active.zero_()
             active[idx] = 1
         return int(idx.numel())
+
+    def _split_layout(self, layer, x, mode, rule, mask, thr, active, out, counts) -> ColdResult:
+        import time
+
+        from hotcold.runtime.splitkernel import get_kernel
+
+        if self._split is None:
+            self._split = get_kernel("auto")
+        C, D = layer.n_cold, self.dim
+        y = self.y if out is None else out
+        t0 = time.perf_counter()
+        w = layer.gate_up_t
+        es = w.element_size()
+        if C == 0:
+            y.zero_()
+            return ColdResult(y=y, n_active=0, seconds=0.0, bytes_read=0)
+        gu = (x.view(1, D).to(w.dtype) @ w)[0]  # [2C]: the stored [D, 2C] matrix streamed once
+        s = self._act(gu[:C].float())
+        a = s * gu[C:].float()
+        rows = layer.down
+        if mode == "exact":
+            y.copy_((a.to(rows.dtype) @ rows).float())
+            n = C
+            if active is not None:
+                active.fill_(1)
+        elif mode == "threshold" and rule == "product" and counts is None and active is None:
+            part, n = self._split.threshold_down(a if rows.dtype == torch.float32 else a.to(rows.dtype), thr, rows)
+            y.copy_(part[0].float())
+        else:
+            if mode == "predictor":
+                on = mask.bool()
+            else:
+                on = (s if rule == "gate" else a).abs() > thr
+            idx = on.nonzero().squeeze(1)
+            n = int(idx.numel())
+            y.copy_(self._split.down(a.index_select(0, idx).to(rows.dtype), idx, _ZERO_OFF, rows)[0].float())
+            if active is not None and active is not mask:
+                active.copy_(on.to(torch.uint8))
+            if counts is not None:
+                counts += on.numpy()
+        nbytes = C * 2 * D * es + n * D * rows.element_size()
+        return ColdResult(y=y, n_active=int(n), seconds=time.perf_counter() - t0, bytes_read=int(nbytes))
+
+
+_ZERO_OFF = torch.zeros(1, dtype=torch.long)
 
 
 def gather_rows(src: torch.Tensor, idx: np.ndarray, dst: torch.Tensor, backend: str) -> None:
