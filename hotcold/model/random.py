@@ -9,7 +9,7 @@ A *workload* gives the model a skewed, per-layer firing distribution instead: ga
 scaled by s_li so that g = s·(w·x) with w·x ≈ N(0, 1) for an RMS-normed x passes the gate rule
 |silu(g)| > GATE_T with probability f_li (s = silu⁻¹(GATE_T) / Φ⁻¹(1 − f)); its up row is scaled by
 s_li / rms_i(s_li) so that magnitude rules |silu(g)·u| > t_l rank neurons the same way. `workload=synthetic` is a
-per-layer power law (hotcold.accel.workload.synthetic); `workload=PROFILE_DIR` maps a real model's
+per-layer power law (hotcold.workloads.frequencies.synthetic); `workload=PROFILE_DIR` maps a real model's
 profile (e.g. SmolLM2 on MBPP) onto this shape by relative depth. Profiling such a model with any
 activation rule recovers the skew (not the exact f: the rule and thresholds differ), so the real
 profile → solve → export → run pipeline can be exercised at 70B shape.
