@@ -12,10 +12,11 @@ import typer
 from hotcold.clikit import JsonOpt, ModelOpt, command, err, out, print_json, progress
 
 
-def _run(cfg, json_out: bool) -> dict:
-    from rich.table import Table
+def _execute(cfg, json_out: bool) -> dict:
+    """Run the study with progress bars on stderr; write results.json and the reports into cfg.out."""
+    import json
 
-    from hotcold.study.report import table_rows, visible_columns, write_reports
+    from hotcold.study.report import write_reports
     from hotcold.study.study import run_study
 
     with progress(disable=json_out) as bar:
@@ -29,13 +30,17 @@ def _run(cfg, json_out: bool) -> dict:
 
         results = run_study(cfg, log=lambda s: err.print(f"[dim]{s}[/]"), progress=step)
     results["command"] = "hotcold " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    md, html = write_reports(results, cfg.out)
-    import json
-
+    write_reports(results, cfg.out)
     (Path(cfg.out) / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
-    if json_out:
-        print_json(results)
-        return results
+    return results
+
+
+def _print_table(results: dict) -> None:
+    """The results table, and under it what the numbers mean (report.conclusion_lines)."""
+    from rich.table import Table
+
+    from hotcold.study.report import conclusion_lines, table_rows, visible_columns
+
     hw = results["hardware"]["name"]
     t = Table(title=f"{results['config']['model']}: dense decode {results['dense']['measured_decode_ms_per_token']:.1f} "
                     f"ms/token here; 'model ms' = cost model on {hw}, 'meas ms' = measured here", title_justify="left")
@@ -45,7 +50,17 @@ def _run(cfg, json_out: bool) -> dict:
     for row in table_rows(results, cols):
         t.add_row(*row)
     out.print(t)
-    out.print(f"report: {html}  (markdown: {md}; data: {Path(cfg.out) / 'results.json'})")
+    out.print("\n".join(conclusion_lines(results)), markup=False)
+
+
+def _run(cfg, json_out: bool) -> dict:
+    results = _execute(cfg, json_out)
+    if json_out:
+        print_json(results)
+        return results
+    _print_table(results)
+    out.print(f"report: {Path(cfg.out) / 'report.html'}  (markdown: {Path(cfg.out) / 'report.md'}; "
+              f"data: {Path(cfg.out) / 'results.json'})")
     return results
 
 
@@ -91,34 +106,189 @@ def study_cmd(
     _run(cfg, json_out)
 
 
+# What a demo run leaves in --out: the reports, their plots, the data, and the placements (kilobytes each;
+# `hotcold export --placement` turns one into a Bundle again). Bundles (~0.5 GB each for SmolLM2 in fp32)
+# and the profile stay in the work directory, which is removed at the end unless --keep.
+DEMO_KEEPS = ("report.html", "report.md", "pareto.png", "tau_per_layer.png", "results.json", "results.csv",
+              "hardware.json", "placements")
+
+
+def demo_config(workload: Path | None, cuda: bool):
+    """The demo's study: SmolLM2-135M, fixed vs adaptive at three GPU budgets.
+
+    With MBPP it profiles the train split and evaluates on the test split; without, hotcold's embedded
+    tasks split the same way (train 25-48, test 1-24), so evaluation is never on profiled prompts. On a
+    CUDA machine the GPU side runs on the GPU (the GPU engine, float16) and the cost model is calibrated
+    on this machine, so modelled and measured times are of the same hardware; on a CPU the cost model is
+    pc-high's (a desktop GPU + CPU), the machine the demo predicts for.
+    """
+    from hotcold.study.study import StudyConfig
+
+    dataset = f"mbpp:{workload}" if workload else "embedded"
+    return StudyConfig(model="smollm2-135m", dataset=dataset, profile_split="train", eval_split="test",
+                       profile_limit=16, eval_limit=4, budgets=["ffn:0.1", "ffn:0.3", "ffn:0.6"],
+                       policies=["fixed", "adaptive"], hardware="calibrate" if cuda else "pc-high",
+                       dtype="float16" if cuda else "float32", device="auto", engine="auto",
+                       speed_new_tokens=16)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def _check_demo_out(out_dir: Path) -> None:
+    """--out must be new, empty, or an earlier demo's output (which this run replaces)."""
+    import json
+
+    from hotcold.errors import InputError
+
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file", "pass a directory path for the demo's report")
+    if not any(out_dir.iterdir()):
+        return
+    try:
+        kind = json.loads((out_dir / "results.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != "study":
+        raise InputError(f"--out {out_dir} holds files that are not a demo's output",
+                         "pass another --out (the demo replaces only its own earlier output)")
+
+
+def _relocate(results: dict, work: Path, out_dir: Path, keep: bool) -> dict:
+    """Paths in the results as they are once the work directory is gone (bundles: None unless kept)."""
+    def moved(p: str | None) -> str | None:
+        if not p:
+            return p
+        try:
+            return str(out_dir / Path(p).relative_to(work))
+        except ValueError:
+            return p
+
+    for r in results["runs"]:
+        r["placement"] = moved(r["placement"])
+        r["bundle"] = moved(r["bundle"]) if keep else None
+    results["profile"]["path"] = moved(results["profile"]["path"]) if keep else None
+    results["config"]["out"] = str(out_dir)
+    return results
+
+
+def _swap_into_place(staged: Path, out_dir: Path) -> None:
+    """Rename `staged` to `out_dir`, replacing an earlier demo output there (checked by _check_demo_out)."""
+    import os
+    import shutil
+
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(staged, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_demo(cfg, out_dir: Path, keep: bool = False, json_out: bool = False) -> dict:
+    """Run the demo's study in a work directory, then put the reader's files (DEMO_KEEPS; everything with
+    `keep`) into `out_dir` by one rename. The work directory (bundles, profile) is removed in any case:
+    with `keep` it is the staged output itself, beside `out_dir` so the final rename stays on one disk."""
+    import json
+    import shutil
+    import tempfile
+
+    from hotcold.model.registry import home
+
+    out_dir = Path(out_dir)
+    _check_demo_out(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage_parent = out_dir.resolve().parent
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.work-", dir=stage_parent) if keep
+                else tempfile.mkdtemp(prefix="hotcold-demo-"))
+    staged = None
+    try:
+        if not json_out:
+            err.print(f"[dim]work directory (bundles, profile): {work} — "
+                      + ("kept in --out at the end" if keep else "removed at the end (--keep keeps them)") + "[/]")
+        cfg.out = work
+        results = _execute(cfg, json_out)
+        work_bytes = _dir_bytes(work)
+        if keep:
+            staged = work
+        else:
+            staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staged-", dir=stage_parent))
+            for name in DEMO_KEEPS:
+                src = work / name
+                if src.is_dir():
+                    shutil.copytree(src, staged / name)
+                elif src.is_file():
+                    shutil.copy2(src, staged / name)
+        results = _relocate(results, work, out_dir, keep)
+        results["demo"] = {"work_dir": str(work), "work_bytes": work_bytes, "work_removed": not keep,
+                           "model_cache": str(home())}
+        (staged / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+        _swap_into_place(staged, out_dir)
+        staged = None
+    finally:
+        if staged is not None and staged != work:
+            shutil.rmtree(staged, ignore_errors=True)
+        if work.exists() and not (keep and out_dir.exists() and work == out_dir):
+            shutil.rmtree(work, ignore_errors=True)
+    kept = _dir_bytes(out_dir)
+    results["demo"]["out_bytes"] = kept
+    if json_out:
+        print_json(results)
+        return results
+    _print_table(results)
+    n_pl = len(list((out_dir / "placements").iterdir())) if (out_dir / "placements").is_dir() else 0
+    out.print(f"\nwrote {out_dir}/ ({_mib(kept)}): report.html (open it in a browser), report.md with pareto.png "
+              f"and tau_per_layer.png, results.json and results.csv (every number above), placements/ ({n_pl} "
+              f"placements)" + (", bundles/ and profile/" if keep else ""))
+    if not keep:
+        out.print(f"removed {work} ({_mib(work_bytes)}: the {len(results['runs'])} bundles and the profile); "
+                  "pass --keep to keep them in --out")
+    out.print(f"the model stays cached in {home()} for the next run (HOTCOLD_HOME moves it)")
+    return results
+
+
 def demo_cmd(
     mbpp: Annotated[str, typer.Option("--mbpp", help="Path to MBPP's mbpp.jsonl (default: $HOTCOLD_MBPP or ../shared/data; else the embedded prompts).")] = "",
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes its artifacts and report.")] = Path("hotcold-demo"),
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes its report, plots, results and placements.")] = Path("hotcold-demo"),
+    keep: Annotated[bool, typer.Option("--keep", help="Also keep the bundles and the profile (~3 GB) in --out.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """The whole idea in a few minutes on a laptop: SmolLM2-135M profiled, placed (fixed vs adaptive) at
     three GPU budgets, exported, run, and compared with the dense model.
 
+    Bundles are built in a temporary directory and removed at the end (--keep keeps them). On a CUDA
+    machine the GPU side runs on the GPU.
+
     Example: hotcold demo
     """
-    from hotcold.study.study import StudyConfig
+    import torch
+
+    from hotcold.errors import InputError
     from hotcold.workloads import find_mbpp
 
+    _check_demo_out(Path(out_dir))
     path = Path(mbpp) if mbpp else find_mbpp()
     if mbpp and not path.is_file():
-        from hotcold.errors import InputError
-
         raise InputError(f"--mbpp {mbpp} does not exist", "pass the path of mbpp.jsonl, or omit --mbpp to use the embedded prompts")
+    if path and not path.is_file():
+        raise InputError(f"$HOTCOLD_MBPP={path} does not exist", "point it at mbpp.jsonl, or unset it to use the embedded prompts")
     if path:
-        dataset, psplit, esplit = f"mbpp:{path}", "train", "test"
         err.print(f"[dim]workload: MBPP at {path} (profile: train split, evaluate: test split)[/]")
     else:
-        dataset, psplit, esplit = "embedded", None, None
-        err.print("[dim]workload: hotcold's embedded Python tasks (no MBPP found; pass --mbpp PATH to use it)[/]")
-    cfg = StudyConfig(model="smollm2-135m", dataset=dataset, profile_split=psplit, eval_split=esplit,
-                      profile_limit=16, eval_limit=4, budgets=["ffn:0.1", "ffn:0.3", "ffn:0.6"],
-                      policies=["fixed", "adaptive"], hardware="pc-high", out=out_dir, speed_new_tokens=16)
-    _run(cfg, json_out)
+        err.print("[dim]workload: hotcold's embedded Python tasks, profile: train split (25-48), evaluate: test "
+                  "split (1-24) (no MBPP found; pass --mbpp PATH to use it)[/]")
+    cuda = torch.cuda.is_available()
+    err.print("[dim]device: " + ("CUDA: the GPU side runs on the GPU, cost model calibrated on this machine[/]" if cuda
+                                 else "CPU only: both sides run here; the cost model predicts pc-high (a desktop GPU + CPU)[/]"))
+    run_demo(demo_config(path, cuda), out_dir, keep=keep, json_out=json_out)
 
 
 def register(app: typer.Typer) -> None:

@@ -193,6 +193,67 @@ def answer_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _span(vals: list[float], f: str = ".1f") -> str:
+    lo, hi = min(vals), max(vals)
+    return f"{lo:{f}}" if f"{lo:{f}}" == f"{hi:{f}}" else f"{lo:{f}}–{hi:{f}}"
+
+
+def conclusion_lines(results: dict[str, Any]) -> list[str]:
+    """What a reader should conclude, in words: what was measured on this machine, what the cost model
+    predicts for its target machine, and what follows from the two."""
+    runs = [r for r in results["runs"] if r.get("measured_decode_ms_per_token") == r.get("measured_decode_ms_per_token")]
+    if not runs:
+        return []
+    d = results["dense"]["measured_decode_ms_per_token"]
+    hw = results["hardware"]
+    gpu, cpu = hw.get("gpu") or {}, hw.get("cpu") or {}
+    meas = [r["measured_decode_ms_per_token"] for r in runs]
+    model = [r["modelled_ms_per_token"] for r in runs]
+    agree = [r["agreement"] for r in runs]
+    hot = [r["n_hot_fraction"] for r in runs]
+    target = (f"`{hw['name']}` ({gpu.get('name', 'GPU')} at {gpu.get('bandwidth', 0) / 1e9:.0f} GB/s beside "
+              f"{cpu.get('name', 'a CPU')} at {cpu.get('bandwidth', 0) / 1e9:.0f} GB/s)")
+    vs_dense = ("slower than" if min(meas) > d * 1.02 else "faster than" if max(meas) < d * 0.98 else
+                "some faster, some slower than" if min(meas) < d * 0.98 and max(meas) > d * 1.02 else "about as fast as")
+    lines = []
+    if results.get("device", "cpu") == "cpu":
+        lines.append(
+            f"Measured here, on this machine's CPU: dense decodes at {d:.1f} ms/token and the hybrid placements at "
+            f"{_span(meas)} ms/token, {vs_dense} dense. Without a GPU both sides of the hybrid run on the same CPU "
+            "cores, so their work adds up instead of overlapping, and finding the active cold neurons costs extra "
+            "reads: these timings show that the profiled, placed and exported model runs, not the speed-up.")
+        lines.append(
+            f"Predicted by the cost model for {target}: {_span(model, '.2f')} ms/token with {_span([100 * h for h in hot], '.0f')}% "
+            "of the FFN neurons on the GPU. That is a model (bytes touched / bandwidth), not a measurement; run "
+            "`hotcold demo` on a CUDA machine to measure the GPU side.")
+    else:
+        where = results.get("gpu_name") or "this GPU"
+        ratio = [m / p for m, p in zip(meas, model) if p > 0]
+        lines.append(
+            f"Measured here on {where}: dense decodes at {d:.2f} ms/token and the hybrid placements at {_span(meas, '.2f')} "
+            f"ms/token ({vs_dense} dense; the hybrid keeps {_span([100 * h for h in hot], '.0f')}% of the FFN neurons on "
+            f"the GPU, dense all of them). The cost model for {target} predicted {_span(model, '.2f')} ms/token"
+            + (f": measured / modelled = {_span(ratio, '.2f')}×." if ratio else ".")
+            + (" Dense fits on this GPU; a hybrid placement pays off for a model that does not, where the "
+               "alternative is offloading whole layers (`hotcold bench` compares the two)." if vs_dense == "slower than" else ""))
+    lines.append(
+        f"Quality, which does not depend on the machine: next-token agreement with dense {_span(agree, '.3f')} on the "
+        "held-out prompts with activation sparsity " + f"{results['config']['sparsity']:g} (1.000 = identical).")
+    base = {(r["budget"], r.get("thresholds_kind")): r for r in runs if r["policy"] == "fixed"}
+    ad = [(r, base[(r["budget"], r.get("thresholds_kind"))]) for r in runs
+          if r["policy"] == "adaptive" and (r["budget"], r.get("thresholds_kind")) in base]
+    if ad:
+        m = [b["modelled_ms_per_token"] / r["modelled_ms_per_token"] for r, b in ad]
+        x = [b["measured_decode_ms_per_token"] / r["measured_decode_ms_per_token"] for r, b in ad]
+        lines.append(
+            f"Adaptive vs fixed threshold at equal GPU memory (above 1: adaptive is faster): modelled "
+            f"{_span(m, '.2f')}×, measured here {_span(x, '.2f')}×. "
+            + ("On a CPU-only machine the measured ratio says little about a GPU; the modelled one is the prediction "
+               "for the target machine until it is measured there." if results.get("device", "cpu") == "cpu"
+               else "Both ratios are of this GPU."))
+    return lines
+
+
 def write_reports(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     out = Path(out)
     write_csv(results, out / "results.csv")
@@ -205,6 +266,7 @@ def write_reports(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     answer = answer_lines(results)
     cmd = results.get("command", "")
     md = ["# hotcold study", "", *summary_lines(results), "", _md_table(head, rows), "",
+          *(["## What the numbers mean", "", *conclusion_lines(results), ""] if conclusion_lines(results) else []),
           *(["## Against fixed thresholds", "", *[f"- {a}" for a in answer], ""] if answer else []),
           "![latency and quality vs GPU memory](pareto.png)", "", "![per-layer tau](tau_per_layer.png)", "",
           "Reproduce:", "", "```", cmd, "```", ""]
@@ -214,6 +276,9 @@ def write_reports(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
                 + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
                 + "</table>")
+    concl = conclusion_lines(results)
+    if concl:
+        body.append("<h2>What the numbers mean</h2>" + "".join(f"<p>{html.escape(c)}</p>" for c in concl))
     if answer:
         body.append("<h2>Against fixed thresholds</h2><ul>" + "".join(f"<li>{html.escape(a)}</li>" for a in answer) + "</ul>")
     for name, data in imgs.items():
