@@ -92,12 +92,12 @@ def test_predictor_mode_with_oracle_equals_threshold_mode(src):
     cfg = src.config
     hot = _hot(cfg, (30, 60, 90, 120), seed=3)
     thr = [0.2] * cfg.n_layers
-    a = from_source(src, hot, cold_mode="threshold", thresholds=thr, max_len=64)
+    a = from_source(src, hot, cold_mode="threshold", thresholds=thr, max_len=64, sparse_hot=True)
     sel = OracleSelector([src.layer(l)["w_gate"] for l in range(cfg.n_layers)], thr, "cpu")
     b = from_source(src, hot, cold_mode="predictor", selector=sel, thresholds=thr, max_len=64)
     # the hot side of predictor mode is dense, of threshold mode thresholded: compare with all-cold layers
     hot0 = [np.zeros(0, dtype=np.int64)] * cfg.n_layers
-    a0 = from_source(src, hot0, cold_mode="threshold", thresholds=thr, max_len=64)
+    a0 = from_source(src, hot0, cold_mode="threshold", thresholds=thr, max_len=64, sparse_hot=True)
     b0 = from_source(src, hot0, cold_mode="predictor", selector=sel, thresholds=thr, max_len=64)
     assert torch.allclose(_decode(a0, IDS), _decode(b0, IDS), atol=1e-5)
     assert a0.totals.cold_active == b0.totals.cold_active > 0
@@ -219,7 +219,7 @@ def test_from_bundle_equals_dense(src, ref, tmp_path):
     plc = solve_frequencies(f, cfg, preset("h200"), policy="fixed", gpu_budget=fixed + 300 * nb, ctx_len=64, dtype="float32")
     export.export_bundle(src, plc, tmp_path / "b", options=export.ExportOptions(dtype="float32", sparsity=None,
                                                                                   threshold=0.0))
-    eng = from_bundle(tmp_path / "b", cold_mode="exact", max_len=64)
+    eng = from_bundle(tmp_path / "b", mode="exact", max_len=64)
     assert 0 < sum(g.n_hot for g in eng.gl) < cfg.n_layers * cfg.n_ff
     out = _decode(eng, IDS)
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
@@ -256,14 +256,12 @@ def test_bench_cli_toy(tmp_path):
         assert bad.exit_code == 2 and opt in bad.output and "Traceback" not in bad.output
 
 
-def test_engine_with_dense_hot_neurons_equals_the_runtime(src, tmp_path):
-    """threshold mode, gate rule: the engine with sparse_hot=False computes what hotcold.runtime computes
-    (hot neurons dense, cold ones by |silu(g)| > t_l); with sparse_hot=True it thresholds hot ones too."""
+def test_decode_with_dense_hot_neurons_equals_the_batched_forward(src, tmp_path):
+    """threshold mode, gate rule: decode steps with sparse_hot=False (the default) compute what the batched
+    torch forward computes per token (hot neurons dense, cold ones by |silu(g)| > t_l); with
+    sparse_hot=True the hot ones are thresholded too."""
     export = pytest.importorskip("hotcold.exporter.export")
     from hotcold.runtime.build import from_bundle
-    from hotcold.bundle import Bundle
-    from hotcold.runtime.model import HybridModel
-
     cfg = src.config
     from tests.hybrid_util import make_placement
 
@@ -271,10 +269,11 @@ def test_engine_with_dense_hot_neurons_equals_the_runtime(src, tmp_path):
     t = 0.05  # fires about half of the neurons of the tiny model
     export.export_bundle(src, plc, tmp_path / "b", options=export.ExportOptions(
         dtype="float32", rule="gate", sparsity=None, threshold=t))
-    hm = HybridModel(Bundle.load(tmp_path / "b"), mode="threshold", device="cpu", max_len=64)
+    hm = from_bundle(tmp_path / "b", mode="threshold", device="cpu", max_len=64)
     cache = hm.new_cache(1, 64)
-    ref = torch.stack([hm.forward(torch.tensor([[tok]]), i, cache, last_only=True)[0, -1] for i, tok in enumerate(IDS)])
-    dense_hot = _decode(from_bundle(tmp_path / "b", cold_mode="threshold", max_len=64, sparse_hot=False), IDS)
-    sparse_hot = _decode(from_bundle(tmp_path / "b", cold_mode="threshold", max_len=64), IDS)
+    ref = torch.stack([hm.forward(torch.tensor([[tok]]), i, cache, last_only=True, sparse=True)[0, -1]
+                       for i, tok in enumerate(IDS)])
+    dense_hot = _decode(from_bundle(tmp_path / "b", mode="threshold", max_len=64), IDS)
+    sparse_hot = _decode(from_bundle(tmp_path / "b", mode="threshold", max_len=64, sparse_hot=True), IDS)
     assert torch.allclose(dense_hot, ref, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(sparse_hot, ref, atol=1e-3)

@@ -305,7 +305,7 @@ class BenchOptions:
 def run_bench(o: BenchOptions) -> dict[str, Any]:
     from hotcold.workloads import frequencies as wl
     from hotcold.runtime.build import split_layer
-    from hotcold.runtime.model import HybridEngine
+    from hotcold.runtime.model import HybridModel
     from hotcold.runtime.coldkernel import default_dynamic, default_group
     from hotcold.runtime.selectors import SampledPredictor
     from hotcold.memory import canonical_dtype, default_predictor_rank
@@ -373,7 +373,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
             g, c = split_layer(t, hot_ids[l], cfg.n_ff, dev, tdtype)
             gls.append(g)
             cls.append(c)
-        return HybridEngine(cfg, glob["tok_embeddings"], glob["norm"], glob["output"], gls, cls, cold_mode=mode,
+        return HybridModel(cfg, glob["tok_embeddings"], glob["norm"], glob["output"], gls, cls, cold_mode=mode,
                             max_len=o.max_len, selector=selector, thresholds=thresholds, gpu_kernels=o.gpu_kernels,
                             cpu_backend=o.cpu_backend, cpu_threads=o.cpu_threads, cpu_group=o.cpu_group,
                             cpu_dynamic=o.cpu_dynamic)
@@ -600,7 +600,7 @@ def check_gpu_paths(cfg: ModelConfig, glob: dict, layers: list, dev, dtype: torc
     """The Triton GPU path against the torch one on the first `n_layers` layers (all hot, exact mode):
     the relative difference of the logits over a few decoded tokens (same tokens fed to both)."""
     from hotcold.runtime.build import split_layer
-    from hotcold.runtime.model import HybridEngine
+    from hotcold.runtime.model import HybridModel
 
     c2 = cfg.replace(n_layers=n_layers)
     out = {}
@@ -611,7 +611,7 @@ def check_gpu_paths(cfg: ModelConfig, glob: dict, layers: list, dev, dtype: torc
             g, c = split_layer(dict(layers[l]), np.arange(cfg.n_ff), cfg.n_ff, dev, dtype)
             gls.append(g)
             cls.append(c)
-        eng = HybridEngine(c2, glob["tok_embeddings"], glob["norm"], glob["output"], gls, cls, cold_mode="exact",
+        eng = HybridModel(c2, glob["tok_embeddings"], glob["norm"], glob["output"], gls, cls, cold_mode="exact",
                            max_len=max_len, gpu_kernels=kern, graphs=False)
         rows = []
         with torch.inference_mode():

@@ -112,13 +112,18 @@ def from_bundle(bundle: Any, *, mode: str = "threshold", device: str | torch.dev
                 gpu_budget: int | str | None = None, max_len: int | None = None,
                 thresholds: float | Sequence[float] | None = None, resident: bool | None = None,
                 predictor_backend: str = "torch", **model_kw: Any) -> HybridModel:
-    """A model over a loaded Bundle (hotcold.bundle.Bundle): GPU part on `device`, CPU part as written.
+    """A model over a Bundle (a loaded hotcold.bundle.Bundle, or its path): GPU part on `device`, CPU part as
+    written.
 
     gpu_budget: refuse (InfeasibleError, one line) when the bundle's GPU part with a `max_len` KV cache
     exceeds it. resident: copy the CPU part from the bundle's memory map into process memory (faster to
     stream; None = when it fits in half of the available memory). thresholds: one t_l for every layer or
     one per layer instead of the bundle's.
     """
+    if isinstance(bundle, (str, Path)):
+        from hotcold.bundle import Bundle
+
+        bundle = Bundle.load(bundle)
     cfg: ModelConfig = bundle.config
     dev = resolve_device(device)
     max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hotcold.runtime.model import HybridEngine
+from hotcold.runtime.model import HybridModel
 from hotcold.runtime.coldkernel import gather_rows, scatter_rows
 from hotcold.solver.costmodel import CostModel
 
@@ -69,7 +69,7 @@ class MigrationStats:
 
 
 class DynamicPlacement:
-    def __init__(self, engine: HybridEngine, cost: CostModel, prior: np.ndarray, *, every: int = 16,
+    def __init__(self, engine: HybridModel, cost: CostModel, prior: np.ndarray, *, every: int = 16,
                  alpha: float = 0.3, hysteresis: float = 0.1, max_swaps: int = 256, horizon: int | None = None,
                  margin: float = 2.0):
         """prior [L, n_ff]: the profile's frequencies (id order), the EMA's starting point; margin: how many
@@ -93,6 +93,11 @@ class DynamicPlacement:
         self.neuron_bytes = nb.total
         M = max_swaps * engine.L
         pin = engine.cuda
+        if any(c.gate is None for c in engine.cl):
+            from hotcold.errors import InputError
+
+            raise InputError("dynamic placement moves rows of the bundled CPU layout; this model's cold rows are "
+                             "in the split layout", "re-export with --cpu-layout bundled")
         dt = engine.cl[0].gate.dtype
         self._in_gate = torch.empty(M, D, dtype=dt, pin_memory=pin)
         self._in_ud = torch.empty(M, 2 * D, dtype=dt, pin_memory=pin)
@@ -103,7 +108,7 @@ class DynamicPlacement:
         engine.hooks.append(self)
 
     # ---- the hook ----------------------------------------------------------------------------
-    def __call__(self, eng: HybridEngine) -> None:
+    def __call__(self, eng: HybridModel) -> None:
         self.tokens_seen += 1  # decode steps this hook has seen (engine.reset() does not clear it)
         if self.pending is not None and (not eng.cuda or self.pending.event.query()):
             self._commit()

@@ -755,7 +755,8 @@ class HybridModel:
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         """Reset the context and compute the prompt in one batched forward into the decode cache; returns
-        the logits of the token after it (float32 [V], on the GPU side)."""
+        the logits of the token after it (float32 [V], on the GPU side). Capture graphs (capture()) before
+        a prefill, not after: capturing resets the cache."""
         ids = [int(t) for t in ids]
         if not ids:
             raise InputError("the prompt is empty", "pass a prompt of at least one token")
@@ -765,6 +766,7 @@ class HybridModel:
         self.reset()
         logits = self.forward(torch.tensor([ids]), 0, self.cache, last_only=True)[0, -1]
         self.logits.copy_(logits)
+        self.tok.copy_(self.logits.argmax().view(1))  # what step(None) feeds back
         self.pos.fill_(len(ids))
         self.host_pos = len(ids)
         return self.logits

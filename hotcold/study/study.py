@@ -46,8 +46,7 @@ class StudyConfig:
     # sparsity (from the profile's histograms); global: one t for every layer (the median of the per-layer ones)
     dtype: str = "float32"
     device: str = "auto"  # where the dense reference, the profiler and the runtime's GPU part run
-    engine: str = "auto"  # decode timing: runtime (hotcold.runtime.HybridModel) or accel (hotcold.accel, CUDA
-    # graphs + numba CPU kernel; the GPU engine). auto: accel on CUDA, runtime on a CPU-only machine.
+    engine: str = "auto"  # kept for old configs: every run uses the one runtime (hotcold.runtime)
     ctx_len: int = 512
     speed_prompt_tokens: int = 64
     speed_new_tokens: int = 32
@@ -183,8 +182,11 @@ def measure_decode(model, prompt_ids: list[int], new_tokens: int) -> tuple[float
     """(prefill ms/token, decode ms/token) of greedy generation, warm-up excluded."""
     from hotcold.model.generate import generate
 
-    generate(model, prompt_ids[:8], 2)  # warm-up
-    g = generate(model, prompt_ids, new_tokens)
+    def gen(ids, n):
+        return model.generate(ids, n) if hasattr(model, "step") else generate(model, ids, n)
+
+    gen(prompt_ids[:8], 2)  # warm-up (graph capture, kernel compilation)
+    g = gen(prompt_ids, new_tokens)
     prefill = 1e3 * g.prefill_seconds / max(len(prompt_ids), 1)
     decode = 1e3 / g.decode_tokens_per_s if g.decode_tokens_per_s else float("nan")
     return prefill, decode
@@ -202,8 +204,7 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
     from hotcold.profiler.activation import ActivationSpec
     from hotcold.profiler.engine import ProfileOptions, profile_dataset
     from hotcold.quality.metrics import compare_logits, perplexity
-    from hotcold.runtime.model import HybridModel
-    from hotcold.bundle import Bundle
+    from hotcold.runtime.build import from_bundle
     from hotcold.solver.hardware import calibrate, resolve
     from hotcold.solver.solve import solve
     from hotcold.workloads import load_dataset
@@ -218,9 +219,10 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
     if not cfg.policies or not cfg.budgets:
         raise InputError("the study has no policies or no budgets", "pass --policies and --budgets")
     device = resolve_device(cfg.device)
-    engine = cfg.engine if cfg.engine != "auto" else ("accel" if device == "cuda" else "runtime")
-    if engine not in ("runtime", "accel"):
-        raise InputError(f"unknown engine {cfg.engine!r}", "use runtime, accel or auto")
+    if cfg.engine not in ("auto", "runtime"):
+        raise InputError(f"--engine {cfg.engine}: there is one runtime now (hotcold.runtime), on every device",
+                         "drop --engine")
+    engine = "runtime"
     from hotcold.profiler.engine import DTYPES
 
     if cfg.dtype not in DTYPES:
@@ -312,19 +314,19 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
             export_bundle(src, pl, b_dir, profile=profile,
                           options=ExportOptions(dtype=cfg.dtype, rule="gate", sparsity=cfg.sparsity,
                                                 threshold=thresholds, ctx_len=cfg.ctx_len))
-        if policy == "dynamic" or engine == "accel":
+        if policy == "dynamic":
             rows.append(run_engine(cfg, profile, hw, pl, b_dir, name, pol, budget, gpu_budget, tkind, seqs,
                                    dense_tf, dense_ppl, speed_ids, device, dynamic=policy == "dynamic"))
             step(f"{name}", i + 1, len(runs))
             continue
         _reset_peak_gpu(device)
-        hm = HybridModel(Bundle.load(b_dir), mode=cfg.cold_mode, device=device, max_len=cfg.ctx_len, prefill="sparse")
+        hm = from_bundle(b_dir, mode=cfg.cold_mode, device=device, max_len=cfg.ctx_len, prefill="sparse")
         tf = teacher_forced_logits(hm, seqs)
         comps = [compare_logits(d[0], h[0]) for d, h in zip(dense_tf, tf)]
         agree = float(np.average([c.agreement for c in comps], weights=[len(d[1]) for d in dense_tf]))
         kl = float(np.average([c.kl_mean for c in comps], weights=[len(d[1]) for d in dense_tf]))
         ppl = float(np.mean([perplexity(lg, tg) for lg, tg in tf]))
-        hm.stats.reset()
+        hm.reset_stats()
         m_prefill, m_decode = measure_decode(hm, speed_ids, cfg.speed_new_tokens)
         rep = hm.report()
         decode = rep.get("decode") or {}
@@ -375,8 +377,8 @@ def _engine_decode(eng, speed_ids: list[int], n: int, rounds: int = 3) -> float:
     import statistics
 
     times = []
+    eng.capture()
     for r in range(rounds + 1):
-        eng.reset()
         eng.prefill(speed_ids)
         t0 = time.perf_counter()
         for _ in range(n if r else 4):
@@ -396,7 +398,10 @@ def pass_rate(model, tok, tasks, max_new_tokens: int) -> float:
     completions = []
     for t in tasks:
         ids = tok.encode(format_prompt(t, style="chat", render_chat=tok.render_chat))
-        g = generate(model, ids, max_new_tokens, eos_ids=tok.eos_ids)
+        if hasattr(model, "step"):  # the hybrid runtime: its own prefill + decode steps
+            g = model.generate(ids, max_new_tokens, eos_ids=tok.eos_ids)
+        else:
+            g = generate(model, ids, max_new_tokens, eos_ids=tok.eos_ids)
         completions.append(extract_code(tok.decode(g.new_ids)))
     return float(pass_at_1(tasks, completions).rate)
 
@@ -404,13 +409,12 @@ def pass_rate(model, tok, tasks, max_new_tokens: int) -> float:
 def run_engine(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: str, budget: str, gpu_budget: int,
                tkind: str, seqs, dense_tf, dense_ppl: float, speed_ids: list[int], device: str = "cpu",
                dynamic: bool = False) -> RunRow:
-    """A Bundle run by the GPU engine (hotcold.accel: CUDA graphs, numba CPU kernel), with online migration
-    (DynamicPlacement) when `dynamic` — the fixed placement's bundle, so GPU memory stays fixed's.
+    """A Bundle run with online migration (DynamicPlacement) when `dynamic` — the fixed placement's bundle,
+    so GPU memory stays fixed's.
 
-    Quality: the engine is teacher-forced token by token over the held-out sequences (migrations happen
-    while it goes), its logits compared with the dense model's. Hot neurons are computed densely, as the
-    runtime (`--engine runtime`) computes them, so the two engines' rows compare. Speed: greedy decode
-    after a prefill.
+    Quality: the model is teacher-forced token by token through its decode steps over the held-out
+    sequences (migrations happen while it goes), its logits compared with the dense model's. Hot neurons
+    are computed densely, as in the other rows. Speed: greedy decode after a prefill.
     """
     import torch
 
@@ -421,8 +425,7 @@ def run_engine(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: s
 
     mcfg = pl.model_config
     _reset_peak_gpu(device)
-    # hot neurons dense, as hotcold.runtime computes them: the engine's rows compare with the runtime's
-    eng = from_bundle(b_dir, device=device, cold_mode="threshold", max_len=cfg.ctx_len, sparse_hot=False)
+    eng = from_bundle(b_dir, device=device, mode="threshold", max_len=cfg.ctx_len)
     dyn = None
     if dynamic:
         dyn = DynamicPlacement(eng, CostModel(mcfg, hw, cfg.dtype, cold_mode="threshold", ctx_len=cfg.ctx_len),
@@ -461,4 +464,4 @@ def run_engine(cfg: StudyConfig, profile, hw, pl, b_dir: Path, name: str, pol: s
         kl=float(np.average([c.kl_mean for c in comps], weights=weights)), perplexity=float(np.mean(ppls)),
         dense_perplexity=dense_ppl, pass_at_1=None, placement=str(pl.path or ""), bundle=str(b_dir),
         migration=dyn.stats.to_json(max(tokens_seen, 1)) if dyn else None, taus=pl.taus, thresholds_kind=tkind,
-        engine="accel")
+        engine="runtime")
