@@ -127,7 +127,7 @@ def test_parse_dataset_spec():
     assert parse_dataset_spec("mbpp:/x/y.jsonl").path == "/x/y.jsonl"
     assert parse_dataset_spec("jsonl:C:/odd:name.jsonl").path == "C:/odd:name.jsonl"
     assert parse_dataset_spec("embedded").kind == "embedded"
-    for bad, msg in (("humaneval", "unknown dataset"), ("jsonl", "needs a file"), ("txt:", "needs a file"),
+    for bad, msg in (("squad", "unknown dataset"), ("jsonl", "needs a file"), ("txt:", "needs a file"),
                      ("embedded:x", "takes no path"), ("mbpp:", "empty path")):
         with pytest.raises(InputError, match=msg):
             parse_dataset_spec(bad)

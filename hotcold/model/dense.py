@@ -67,10 +67,13 @@ class Rope:
         self.cos = emb.cos().float().to(device)
         self.sin = emb.sin().float().to(device)
 
-    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [B, h, T, Hd] rotated for positions start..start+T-1."""
+    def apply(self, x: torch.Tensor, start: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, h, T, Hd] rotated for positions start..start+T-1, or for per-row positions pos [B, T]."""
         T = x.shape[2]
-        cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
+        if pos is None:
+            cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
+        else:
+            cos, sin = self.cos[pos][:, None].to(x.dtype), self.sin[pos][:, None].to(x.dtype)  # [B,1,T,Hd]
         half = x.shape[-1] // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rot * sin
@@ -84,6 +87,27 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.max_len = max_len
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (in that order): finished sequences leave a batched generation."""
+        rows = rows.to(self.k[0].device)
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
+
+def padded_positions(pad: torch.Tensor, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For left-padded rows (pad [B] = pad tokens before row b's first real token, cache slots
+    0..pad_b-1): RoPE positions [B, T] of slots start..start+T-1 (a real token's position counts from
+    its row's first real token, as HF derives position_ids from the attention mask) and the attention
+    mask [B, 1, T, S] (S = start+T): a real token sees its row's real tokens up to itself; a pad slot
+    sees the pad slots up to itself, so its (unused) output stays finite and is never attended to."""
+    q = start + torch.arange(T, device=pad.device)  # [T] slot of each query
+    s = torch.arange(start + T, device=pad.device)  # [S]
+    pos = (q[None, :] - pad[:, None]).clamp_min(0)
+    real_q = q[None, :, None] >= pad[:, None, None]  # [B,T,1]
+    real_s = s[None, None, :] >= pad[:, None, None]  # [B,1,S]
+    mask = (s[None, None, :] <= q[None, :, None]) & (real_s == real_q)
+    return pos, mask[:, None]
 
 
 @dataclass
@@ -128,21 +152,26 @@ def _sdpa_backends(device: torch.device):
 
 
 def attention(cfg: ModelConfig, lw: LayerWeights, x: torch.Tensor, start: int, rope: Rope,
-              k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    """x [B,T,D] (already normed) -> attention output [B,T,D]; writes K/V at start..start+T-1."""
+              k_cache: torch.Tensor, v_cache: torch.Tensor,
+              padding: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [B,T,D] (already normed) -> attention output [B,T,D]; writes K/V at start..start+T-1.
+    `padding` = padded_positions(...) for a left-padded batch."""
     B, T, _ = x.shape
     H, KV, Hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     qkv = F.linear(x, lw.wqkv, lw.bqkv)  # [B,T,(H+2KV)Hd]
     q, k, v = qkv.split([H * Hd, KV * Hd, KV * Hd], dim=-1)
-    q = rope.apply(q.view(B, T, H, Hd).transpose(1, 2), start)  # [B,H,T,Hd]
-    k = rope.apply(k.view(B, T, KV, Hd).transpose(1, 2), start)  # [B,KV,T,Hd]
+    pos = None if padding is None else padding[0]
+    q = rope.apply(q.view(B, T, H, Hd).transpose(1, 2), start, pos)  # [B,H,T,Hd]
+    k = rope.apply(k.view(B, T, KV, Hd).transpose(1, 2), start, pos)  # [B,KV,T,Hd]
     v = v.view(B, T, KV, Hd).transpose(1, 2)
     S = start + T
     k_cache[:B, :, start:S] = k
     v_cache[:B, :, start:S] = v
     keys, vals = k_cache[:B, :, :S], v_cache[:B, :, :S]
     with _sdpa_backends(x.device):
-        if T == 1:
+        if padding is not None:
+            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=padding[1], enable_gqa=H != KV)
+        elif T == 1:
             o = F.scaled_dot_product_attention(q, keys, vals, enable_gqa=H != KV)
         elif start == 0:
             o = F.scaled_dot_product_attention(q, keys, vals, is_causal=True, enable_gqa=H != KV)
@@ -159,9 +188,11 @@ def ffn_activation(cfg: ModelConfig, lw: LayerWeights, x: torch.Tensor) -> torch
 
 
 def block_forward(cfg: ModelConfig, layer: int, lw: LayerWeights, h: torch.Tensor, start: int, rope: Rope,
-                  cache: KVCache, hook: FFNHook | None = None) -> torch.Tensor:
+                  cache: KVCache, hook: FFNHook | None = None,
+                  padding: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One decoder layer: h [B,T,D] -> h [B,T,D]. Usable alone (layer-by-layer profiling)."""
-    h = h + attention(cfg, lw, rms_norm(h, lw.attn_norm, cfg.norm_eps), start, rope, cache.k[layer], cache.v[layer])
+    h = h + attention(cfg, lw, rms_norm(h, lw.attn_norm, cfg.norm_eps), start, rope, cache.k[layer], cache.v[layer],
+                      padding)
     x = rms_norm(h, lw.ffn_norm, cfg.norm_eps)
     a = ffn_activation(cfg, lw, x)
     if hook is not None:
@@ -202,14 +233,16 @@ class DenseModel:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                hook: FFNHook | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens [B,T] -> logits [B,T,V] (float32; [B,1,V] with last_only)."""
+                hook: FFNHook | None = None, last_only: bool = False, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B,T] -> logits [B,T,V] (float32; [B,1,V] with last_only). `pad` [B]: row b is
+        left-padded with pad[b] tokens (cache slots 0..pad[b]-1), which no real token attends to."""
         B, T = tokens.shape
         if cache is None:
             cache = self.new_cache(B, start + T)
+        padding = None if pad is None else padded_positions(pad.to(self.device), start, T)
         h = F.embedding(tokens.to(self.device), self.embed)  # [B,T,D]
         for i, lw in enumerate(self.layers):
-            h = block_forward(self.cfg, i, lw, h, start, self.rope, cache, hook)
+            h = block_forward(self.cfg, i, lw, h, start, self.rope, cache, hook, padding)
         if last_only:
             h = h[:, -1:]
         return F.linear(rms_norm(h, self.norm, self.cfg.norm_eps), self.lm_head).float()

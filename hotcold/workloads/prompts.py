@@ -18,6 +18,20 @@ MBPP_TEMPLATE = ("You are an expert Python programmer, and here is your task: {t
                  "Your code should pass these tests:\n\n{tests}")
 
 
+# HumanEval for an instruct model: EvalPlus's instruction prompt (the function's signature and docstring
+# in a code block); the answer's first fenced block is the program.
+HUMANEVAL_TEMPLATE = ("Please provide a self-contained Python script that solves the following problem in a "
+                      "markdown code block:\n```\n{prompt}\n```\n")
+
+
+def pass1_message(task: Task) -> str:
+    """The user turn of a pass@1 run: HumanEval's instruction prompt for HumanEval tasks, else MBPP's
+    (the task text and its test asserts, `task_message`)."""
+    if task.source == "humaneval":
+        return HUMANEVAL_TEMPLATE.format(prompt=task.text.strip())
+    return task_message(task)
+
+
 def task_message(task: Task) -> str:
     """The user's message: MBPP's prompt when the task has tests, else the task text as is."""
     if not task.tests:

@@ -25,11 +25,12 @@ class Task:
     challenge_tests: tuple[str, ...] = ()
     task_id: int | None = None
     source: str = ""
+    entry_point: str | None = None  # the function the tests call, when the dataset names it (HumanEval)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "text": self.text, "tests": list(self.tests), "code": self.code,
                 "setup_code": self.setup_code, "challenge_tests": list(self.challenge_tests),
-                "task_id": self.task_id, "source": self.source}
+                "task_id": self.task_id, "source": self.source, "entry_point": self.entry_point}
 
 
 PromptItem = Task  # the profiler's name for the same record

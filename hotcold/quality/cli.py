@@ -1,0 +1,95 @@
+"""`hotcold eval pass1`: MBPP / HumanEval pass@1 of the dense model, batched, resumable, sandboxed.
+
+Nothing heavy is imported at module level: torch and the model load inside the command.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hotcold.clikit import JsonOpt, ModelOpt, command, err, out, print_json
+
+PASS1_HELP = """pass@1 of the dense model: one greedy answer per task, its code run against the task's tests in
+the sandbox; a JSON with every task's status, answer and code, the rate and its 95% interval.
+
+The prompt is the model's chat template around one user turn: for MBPP the task text and its test
+asserts, for HumanEval EvalPlus's instruction prompt; the code is the answer's first fenced block, and
+generation stops at end-of-turn or as soon as that block is closed (or at --max-new-tokens). Tasks
+are sorted by prompt length and run --batch-size at a time. A checkpoint (OUT.partial.json) is
+written every --checkpoint-every tasks; the same command resumes from it.
+
+Examples:
+
+  hotcold eval pass1 -m qwen2.5-coder-0.5b --dataset mbpp --split test -o pass1_mbpp.json
+
+  hotcold eval pass1 -m qwen2.5-coder-1.5b --dataset mbpp --offset 0 --limit 100 --batch-size 8 -o slice.json
+
+  hotcold eval pass1 -m qwen2.5-coder-0.5b --dataset humaneval -o pass1_humaneval.json
+"""
+
+
+def pass1_cmd(
+    model: ModelOpt = "qwen2.5-coder-0.5b",
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="mbpp, mbpp:PATH, humaneval, humaneval:PATH, embedded or jsonl:PATH (tasks with tests).")] = "mbpp",
+    split: Annotated[Optional[str], typer.Option("--split", help="MBPP: test (11-510, default), train, validation, prompt, all.")] = None,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip this many tasks of the split.")] = 0,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Run at most this many tasks.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens per answer at most.")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Tasks per forward.")] = 8,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Write the checkpoint after this many tasks.")] = 16,
+    no_stop_at_fence: Annotated[bool, typer.Option("--no-stop-at-fence", help="Generate past the first closed code block (to EOS or the limit).")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 or bf16 weights.")] = "fp32",
+    timeout_s: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds of wall clock per task in the sandbox.")] = 20.0,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="The result JSON (written to a temp file, then renamed).")] = Path("pass1.json"),
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Ignore (and overwrite) an existing checkpoint.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    import torch
+
+    from hotcold.errors import InputError
+    from hotcold.model.cli import torch_dtype
+    from hotcold.model.dense import DenseModel
+    from hotcold.model.registry import load_source
+    from hotcold.quality.passk import Pass1Config, run_pass1
+    from hotcold.workloads import load_dataset
+
+    if dtype not in ("fp32", "bf16"):
+        raise InputError(f"--dtype {dtype} is not available on the CPU path", "use fp32 or bf16")
+    cfg = Pass1Config(max_new_tokens=max_new_tokens, batch_size=batch_size, checkpoint_every=checkpoint_every,
+                      stop_at_fence=not no_stop_at_fence, timeout_s=timeout_s)
+    ds = load_dataset(dataset, split, limit=limit, offset=offset)
+    if not all(t.tests for t in ds.tasks):
+        raise InputError(f"dataset {dataset} has tasks without tests", "pass@1 needs tasks with test asserts (mbpp, humaneval, embedded)")
+    src = load_source(model)
+    tok = src.tokenizer()
+    if tok is None:
+        raise InputError(f"{src.description} has no tokenizer", "use a GGUF with tokenizer metadata")
+    err.print(f"[dim]loading {src.description} ({dtype})…[/]")
+    m = DenseModel.from_source(src, torch_dtype(dtype), "cpu", max_len=4096)
+    header = {"model": {"spec": model, "description": src.description, "fingerprint": src.fingerprint,
+                        "name": src.config.name},
+              "dataset": {k: v for k, v in ds.describe().items() if k != "ids"}, "dtype": dtype,
+              "command": " ".join(["hotcold", *sys.argv[1:]]), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    res = run_pass1(m, tok, ds.tasks, cfg, out_path, header=header, resume=not no_resume)
+    s = res.summary()
+    if json_out:
+        print_json({k: v for k, v in res.to_json().items() if k != "tasks"})
+        return
+    lo, hi = s["interval_95"]["wilson"]
+    tp = s["throughput"]
+    out.print(f"pass@1 {s['passed']}/{s['n']} = {100 * s['pass_at_1']:.1f}%  (95% Wilson {100 * lo:.1f}–{100 * hi:.1f}%)  "
+              f"{s['by_status']}")
+    out.print(f"{tp['tasks_per_minute']} tasks/min, {tp['generated_tokens_per_s']} generated tok/s; wrote {out_path}")
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(help="Evaluate the model's answers (pass@1 on MBPP / HumanEval in the sandbox).",
+                        no_args_is_help=True)
+    group.command("pass1", help=PASS1_HELP)(command(pass1_cmd))
+    app.add_typer(group, name="eval")
