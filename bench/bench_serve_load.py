@@ -1,6 +1,6 @@
 """Load test of `hotcold serve` on localhost: many concurrent clients, mixed streaming, some disconnecting early.
 
-    python bench/bench_serve_load.py --bundle DIR [--clients 32] [--requests 4] [--max-tokens 24] [--max-queue 8]
+    python bench/bench_serve_load.py (--bundle DIR | --tiny) [--clients 32] [--requests 4] [--max-tokens 24] [--max-queue 8]
                                      [--rounds 2] [--disconnect-every 4] [--retries 20] [--timeout 600]
                                      [--out bench/results/serve_load.json]
 
@@ -79,6 +79,39 @@ def loadavg() -> list[float]:
 def git_commit() -> str | None:
     r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
     return r.stdout.strip() if r.returncode == 0 else None
+
+
+def tiny_bundle(out: Path) -> Path:
+    """A tiny random-weight LLaMA (4 layers, dim 64, vocab 512; synthetic: its text is noise) written as a GGUF with
+    a byte-level BPE tokenizer and a chat template, exported as a threshold-mode Bundle, as tests/test_serve.py
+    builds it. Fast to decode, so the run measures the server (queue, streaming, disconnects), not the model."""
+    sys.path.insert(0, str(REPO))
+    from hotcold.exporter.export import ExportOptions, export_bundle
+    from hotcold.model.config import shape
+    from hotcold.model.random import RandomSource
+    from hotcold.model.registry import load_source
+    from tests.gguf_util import write_gguf
+    from tests.hybrid_util import make_placement
+
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    out.mkdir(parents=True, exist_ok=True)
+    gguf = write_gguf(RandomSource(shape("tiny", max_seq_len=1024)), out / "tiny.gguf", chat_template=template)
+    src = load_source(str(gguf))
+    export_bundle(src, make_placement(src, [0, 64, 200, 256], seed=1), out / "tiny-bundle",
+                  options=ExportOptions(sparsity=None, threshold=0.01))
+    return out / "tiny-bundle"
+
+
+def bundle_summary(bundle: str) -> dict:
+    """What the bundle holds (from its manifest): the model, its shape, dtype and the placement's hot neurons."""
+    m = json.loads((Path(bundle) / "manifest.json").read_text())
+    cfg = m["model"]["config"]
+    n_hot = m["placement"]["n_hot"]
+    return {"model_source": m["model"].get("source"), "model_name": cfg.get("name"), "n_layers": cfg["n_layers"],
+            "dim": cfg["dim"], "n_ff": cfg["n_ff"], "dtype": m.get("dtype"),
+            "hot_fraction": round(sum(n_hot) / (cfg["n_ff"] * cfg["n_layers"]), 4),
+            "activation_rule": (m.get("activation") or {}).get("rule")}
 
 
 def start_server(bundle: str, max_queue: int, extra: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -257,7 +290,9 @@ def pct(xs: list[float], q: float) -> float | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", help="the Bundle to serve")
+    src.add_argument("--tiny", action="store_true", help="serve a tiny random-weight bundle built in a temp dir (synthetic)")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=24)
@@ -274,6 +309,8 @@ def main() -> int:
     out_path = Path(args.out)
     server_log = Path(tempfile.gettempdir()) / f"hotcold-serve-load-{os.getpid()}.log"  # the server's stderr
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        args.bundle = str(tiny_bundle(Path(tempfile.mkdtemp(prefix="hotcold-serve-load-"))))
     log(f"starting hotcold serve {args.bundle} (queue {args.max_queue})")
     t_start = time.perf_counter()
     proc, url = start_server(args.bundle, args.max_queue, args.serve_arg, server_log)
@@ -366,7 +403,9 @@ def main() -> int:
         "git_commit": git_commit(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_at_end": loadavg()},
-        "bundle": str(args.bundle), "model": model, "server_log": str(server_log),
+        "bundle": str(args.bundle), "model": model, "bundle_summary": bundle_summary(args.bundle),
+        "synthetic": bool(args.tiny) and "random weights: the text is noise; what is measured is the server",
+        "server_log": str(server_log),
         "params": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "what": ("all answers greedy (temperature 0); references and the baseline are the same requests sent one "
                  "at a time by one client to the same server in this run; throughput_vs_one_client = server "

@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -246,6 +246,9 @@ def create_app(model: Any, name: str, api_key: str | None = None, max_queue: int
                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
         return error_response(APIError(exc.status_code, msg, code=code))
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        return Response(status_code=499)  # the client left while sending its body: nobody reads this
+
     async def on_crash(request: Request, exc: Exception) -> Response:
         # Starlette's ServerErrorMiddleware logs the traceback on the server's stderr; the client gets one line.
         return error_response(APIError(500, f"internal error: {type(exc).__name__}; see the server's log",
@@ -268,7 +271,8 @@ def create_app(model: Any, name: str, api_key: str | None = None, max_queue: int
         Route("/v1/chat/completions", srv.chat_completions, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_crash})
+                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
+                                        ClientDisconnect: on_client_gone, Exception: on_crash})
     app.state.server = srv
     paths = {r.path for r in routes if "{" not in r.path}
     app.add_middleware(_CountRequests, metrics=srv.metrics, paths=paths)

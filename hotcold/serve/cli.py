@@ -60,17 +60,26 @@ def serve_cmd(
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level on stderr: critical, error, "
                                                                "warning, info (one line per request) or debug.")] = "info",
 ) -> None:
-    """Serve a Bundle over an OpenAI-compatible HTTP API: GET /v1/models, POST /v1/completions and
-    /v1/chat/completions (`"stream": true` for server-sent events), GET /health and GET /metrics (Prometheus).
+    """Serve a Bundle over an OpenAI-compatible HTTP API (completions and chat, streamed or not).
 
-    One request generates at a time; the others wait in a FIFO queue of --max-queue.
+    GET /v1/models, POST /v1/completions and /v1/chat/completions ("stream": true for server-sent
+    events), GET /health, and GET /metrics in Prometheus text.
+
+    One request generates at a time; others wait in a FIFO queue of --max-queue (one more: 429).
+    The model id is the bundle directory's name (or --model-name). Greedy answers (temperature 0)
+    equal `hotcold run`'s for the same prompt. See docs/serve.md.
 
     Examples:
 
       hotcold serve out/bundle --port 8000
 
       curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-        -d '{"model": "bundle", "messages": [{"role": "user", "content": "Write a python function to reverse a string."}], "max_tokens": 64}'
+        -d '{"model": "bundle", "max_tokens": 64,
+             "messages": [{"role": "user", "content": "Write a function to add two numbers."}]}'
+
+      from openai import OpenAI     # pip install openai
+      c = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+      r = c.completions.create(model="bundle", prompt="def fib(n):", max_tokens=32, temperature=0)
     """
     from hotcold.errors import InputError
 
