@@ -88,6 +88,15 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.max_len = max_len
 
+    def copy_row(self, src: KVCache, row: int, start: int) -> None:
+        """Write `src`'s first row (a prompt prefilled alone, positions 0..n-1) into row `row` at slots
+        start..start+n-1, n = the rows `src` holds (its max_len): how a left-padded batch is
+        filled without computing its padding."""
+        n = src.max_len
+        for dst_k, dst_v, k, v in zip(self.k, self.v, src.k, src.v):
+            dst_k[row, :, start:start + n] = k[0, :, :n]
+            dst_v[row, :, start:start + n] = v[0, :, :n]
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (in that order): finished sequences leave a batched generation."""
         rows = rows.to(self.k[0].device)

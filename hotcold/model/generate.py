@@ -98,9 +98,10 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_to
                    eos_ids: Sequence[int] = (), pad_id: int = 0,
                    stop: Callable[[int, list[int]], bool] | None = None,
                    on_step: Callable[[int], None] | None = None) -> list[Generation]:
-    """Greedy generation for several prompts at once: the prompts are left-padded to one length and
-    prefilled in one forward (`forward(..., pad=...)` masks the padding and counts positions from each
-    row's first real token), then every step decodes one token for all unfinished rows. A row finishes
+    """Greedy generation for several prompts at once: the prompts are left-padded to one length (each
+    prefilled alone into its row when the cache has `copy_row`, else all in one forward), then every
+    step decodes one token for all unfinished rows (`forward(..., pad=...)` masks the padding and
+    counts positions from each row's first real token). A row finishes
     at an EOS id, at `max_new_tokens`, or when `stop(row, new_ids)` is true (a stop string, a closed
     code block); finished rows leave the batch (their KV-cache rows are dropped when the cache has
     `select_rows`), so the batch shrinks instead of computing tokens nobody reads.
@@ -116,7 +117,18 @@ def generate_batch(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_to
     cache = model.new_cache(B, L + max_new_tokens)
     eos = set(int(e) for e in eos_ids)
     t0 = time.perf_counter()
-    logits = model.forward(tokens, 0, cache, last_only=True, pad=pad)[:, -1]  # [B, V]
+    if hasattr(cache, "copy_row") and B > 1:
+        # Each prompt prefilled alone (causal attention without a mask, no padding computed), its
+        # keys/values copied into its row of the batch cache, right-aligned at slot L.
+        rows_logits = []
+        for b, p in enumerate(prompts):
+            one = model.new_cache(1, len(p))
+            rows_logits.append(model.forward(torch.tensor([list(p)]), 0, one, last_only=True)[0, -1])
+            cache.copy_row(one, b, L - len(p))
+            del one
+        logits = torch.stack(rows_logits)
+    else:
+        logits = model.forward(tokens, 0, cache, last_only=True, pad=pad)[:, -1]  # [B, V]
     if logits.is_cuda:
         torch.cuda.synchronize(logits.device)
     t1 = time.perf_counter()

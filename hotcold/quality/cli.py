@@ -41,15 +41,25 @@ def pass1_cmd(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Run at most this many tasks.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens per answer at most.")] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Tasks per forward.")] = 8,
+    max_batch_tokens: Annotated[int, typer.Option("--max-batch-tokens", min=1, help="KV-cache slots per batch at most (rows x (longest prompt + max new tokens)); long prompts run in smaller batches.")] = 16384,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Write the checkpoint after this many tasks.")] = 16,
     no_stop_at_fence: Annotated[bool, typer.Option("--no-stop-at-fence", help="Generate past the first closed code block (to EOS or the limit).")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 or bf16 weights.")] = "fp32",
     timeout_s: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds of wall clock per task in the sandbox.")] = 20.0,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="The result JSON (written to a temp file, then renamed).")] = Path("pass1.json"),
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Ignore (and overwrite) an existing checkpoint.")] = False,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads (0: torch's default). On a machine shared with other jobs 1 is often fastest.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
+    import os
+
+    # Before the first parallel region: spinning OpenMP workers stall every op when other processes
+    # share the cores (conftest.py sets the same for the test suite). An explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from hotcold.errors import InputError
     from hotcold.model.cli import torch_dtype
@@ -60,7 +70,8 @@ def pass1_cmd(
 
     if dtype not in ("fp32", "bf16"):
         raise InputError(f"--dtype {dtype} is not available on the CPU path", "use fp32 or bf16")
-    cfg = Pass1Config(max_new_tokens=max_new_tokens, batch_size=batch_size, checkpoint_every=checkpoint_every,
+    cfg = Pass1Config(max_new_tokens=max_new_tokens, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                      checkpoint_every=checkpoint_every,
                       stop_at_fence=not no_stop_at_fence, timeout_s=timeout_s)
     ds = load_dataset(dataset, split, limit=limit, offset=offset)
     if not all(t.tests for t in ds.tasks):
@@ -70,12 +81,13 @@ def pass1_cmd(
     if tok is None:
         raise InputError(f"{src.description} has no tokenizer", "use a GGUF with tokenizer metadata")
     err.print(f"[dim]loading {src.description} ({dtype})…[/]")
-    m = DenseModel.from_source(src, torch_dtype(dtype), "cpu", max_len=4096)
+    m = DenseModel.from_source(src, torch_dtype(dtype), "cpu")  # the model's whole context: MBPP has 3.7k-token prompts
     header = {"model": {"spec": model, "description": src.description, "fingerprint": src.fingerprint,
                         "name": src.config.name},
               "dataset": {k: v for k, v in ds.describe().items() if k != "ids"}, "dtype": dtype,
               "command": " ".join(["hotcold", *sys.argv[1:]]), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+              "threads": torch.get_num_threads(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "date": time.strftime("%Y-%m-%d")}
     res = run_pass1(m, tok, ds.tasks, cfg, out_path, header=header, resume=not no_resume)
     s = res.summary()
     if json_out:

@@ -40,13 +40,16 @@ _IMPORT = re.compile(r"^(?:import [\w., ]+|from [\w.]+ import [\w., ()*]+)$", re
 class Pass1Config:
     max_new_tokens: int = 512
     batch_size: int = 8
+    # at most this many KV-cache slots per batch (rows x (longest prompt + max_new_tokens)): a few MBPP
+    # prompts run to thousands of tokens (mbpp/493: 3742 with Qwen's tokenizer) and go in smaller batches
+    max_batch_tokens: int = 16384
     checkpoint_every: int = 16  # tasks
     stop_at_fence: bool = True  # stop an answer once its first code block is closed
     sandbox_workers: int = 2
     timeout_s: float = 20.0  # per task, in the sandbox (SandboxLimits' default)
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "batch_size", "checkpoint_every", "sandbox_workers"):
+        for name in ("max_new_tokens", "batch_size", "max_batch_tokens", "checkpoint_every", "sandbox_workers"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}",
                                  "pass a positive number")
@@ -191,8 +194,7 @@ def run_pass1(model: Any, tok: Any, tasks: Sequence[Any], cfg: Pass1Config, out:
     since_write = 0
     with progress(disable=not show_progress) as p:
         bar = p.add_task("pass@1", total=len(tasks), completed=len(result.tasks), info=_info(result))
-        for b in range(0, len(todo), cfg.batch_size):
-            batch = todo[b:b + cfg.batch_size]
+        for batch in _batches(todo, ids, cfg):
             texts = [""] * len(batch)
 
             def stop(r: int, new: list[int], _texts=texts) -> bool:
@@ -229,6 +231,21 @@ def run_pass1(model: Any, tok: Any, tasks: Sequence[Any], cfg: Pass1Config, out:
         if partial is not None:
             partial.unlink(missing_ok=True)
     return result
+
+
+def _batches(todo: list[Any], ids: dict[str, list[int]], cfg: Pass1Config) -> list[list[Any]]:
+    """Consecutive tasks (sorted longest prompt first) grouped up to batch_size rows and
+    max_batch_tokens cache slots; a task too long for the token budget runs alone."""
+    out: list[list[Any]] = []
+    for t in todo:
+        if out:
+            cur = out[-1]
+            longest = max(len(ids[x.id]) for x in cur + [t])
+            if len(cur) < cfg.batch_size and (len(cur) + 1) * (longest + cfg.max_new_tokens) <= cfg.max_batch_tokens:
+                cur.append(t)
+                continue
+        out.append([t])
+    return out
 
 
 def _info(r: Pass1Result) -> str:
