@@ -133,6 +133,8 @@ def inspect_cmd(model: ModelOpt = "smollm2-135m", json_out: JsonOpt = False) -> 
     src = load_source(model)
     cfg = src.config
     info = {"source": src.description, "fingerprint": src.fingerprint, "params": cfg.n_params, **cfg.to_json()}
+    if hasattr(src, "summary"):  # a GGUF file: its architecture, quantization and tokenizer
+        info.update(src.summary())
     if json_out:
         print_json(info)
         return

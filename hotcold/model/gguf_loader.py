@@ -183,6 +183,20 @@ class GGUFSource(WeightSource):
         h.update(str(size).encode())
         return h.hexdigest()[:32]
 
+    def summary(self) -> dict[str, Any]:
+        """What `hotcold inspect` shows beyond the config: the file, its quantization and its tokenizer."""
+        from collections import Counter
+
+        kinds = Counter(t.tensor_type.name for t in self.reader.tensors)
+        tok = self.tokenizer()
+        template = tok.chat_template or ""
+        return {"architecture": self.arch, "file_bytes": self.path.stat().st_size,
+                "tensor_types": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+                "tokenizer": f"{_field(self.reader, 'tokenizer.ggml.model')} (pre-tokenizer "
+                             f"{_field(self.reader, 'tokenizer.ggml.pre', 'default')}), {tok.vocab_size} tokens",
+                "add_bos": tok.add_bos, "stop_ids": {i: tok.token_str(i) for i in tok.stop_ids},
+                "chat_template": f"{len(template)} characters (Jinja, from the file)" if template else "none"}
+
     def tokenizer(self):
         from hotcold.model.tokenizer import Tokenizer
 
