@@ -249,7 +249,8 @@ def hcat(a: QTensor, b: QTensor) -> QTensor:
     """[rows, ca] | [rows, cb] -> [rows, ca + cb], exact (the bytes rearranged): a cold neuron's up row
     and down column become one up_down row."""
     if a.fmt != b.fmt or a.shape[0] != b.shape[0]:
-        raise ValueError(f"hcat needs the same format and row count, got {a.fmt.name} {a.shape} and {b.fmt.name} {b.shape}")
+        raise ValueError(f"hcat needs the same format and row count, got {a.fmt.name} {a.shape} and "
+                         f"{b.fmt.name} {b.shape}")
     offs = (torch.cat([a.offsets, b.offsets], 1) if a.asym else None)
     return QTensor.from_parts(torch.cat([a.data, b.data], 1), torch.cat([a.scales, b.scales], 1), a.fmt,
                               (a.shape[0], a.shape[1] + b.shape[1]), offs)
@@ -319,7 +320,8 @@ def quantize(w: torch.Tensor | np.ndarray, bits: int = 4, group: int = DEFAULT_G
     for r0 in range(0, rows, step):
         c = t[r0: r0 + step].to(torch.float32)
         if not bool(torch.isfinite(c).all()):
-            raise InputError(f"tensor {name or '(unnamed)'} has NaN or infinite values (rows {r0}..{r0 + c.shape[0] - 1})",
+            raise InputError(f"tensor {name or '(unnamed)'} has NaN or infinite values "
+                             f"(rows {r0}..{r0 + c.shape[0] - 1})",
                              "the source weights are damaged: fetch the model again")
         out[r0: r0 + step] = _quantize_chunk(c, fmt)
     return QTensor(out, fmt, (rows, cols))
@@ -429,13 +431,14 @@ def from_gguf(data: np.ndarray, ggml_type: Any, shape: tuple[int, int], fmt: QFo
     rows, cols = int(shape[0]), int(shape[1])
     how = gguf_provenance(ggml_type, fmt, transpose)
     if how != KEPT:
-        w = torch.from_numpy(np.ascontiguousarray(_gguf_dense(data, ggml_type, (rows, cols), name)))
+        w = torch.from_numpy(np.array(_gguf_dense(data, ggml_type, (rows, cols), name), copy=True, order="C"))
         if transpose:
             w = w.t().contiguous()
         return quantize(w, fmt.bits, fmt.group, fmt.asym, name=name), how
     t = Q(int(ggml_type))
     nb = cols // 32
-    blk = torch.from_numpy(np.ascontiguousarray(np.asarray(data, dtype=np.uint8))).reshape(rows, nb, _GGUF_BLOCK[t.name])
+    # a copy: the reader's bytes are a read-only memory map
+    blk = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True)).reshape(rows, nb, _GGUF_BLOCK[t.name])
     d = blk[:, :, :2].reshape(rows, 2 * nb).contiguous().view(torch.float16)
     if t == Q.Q4_1:
         m = blk[:, :, 2:4].reshape(rows, 2 * nb).contiguous().view(torch.float16)
