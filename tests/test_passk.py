@@ -173,3 +173,20 @@ def test_eval_pass1_cli_runs_and_rejects_bad_input(tiny_gguf, tmp_path, mbpp_pat
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+
+
+def test_answers_are_reduced_to_their_definitions_and_stop_at_their_own_tests():
+    from hotcold.quality.extract import definitions_only
+    from hotcold.quality.passk import _CLOSED_FENCE, _TEST_AFTER_DEF
+
+    code = ("import math\nLIMIT = 10\n\n@staticmethod\ndef f(x):\n    assert x\n    return math.sqrt(x)\n\n"
+            "result = f(4)\nprint(result)\nassert f(9) == 3\nif __name__ == '__main__':\n    f(0)\n")
+    kept = definitions_only(code)
+    assert kept == "import math\nLIMIT = 10\n@staticmethod\ndef f(x):\n    assert x\n    return math.sqrt(x)\n"
+    assert definitions_only("def broken(:\n") == "def broken(:\n"  # unparseable: left to the sandbox
+    answer = "Here:\n```python\ndef f(x):\n    # test the input\n    return x\n\n"
+    assert not _TEST_AFTER_DEF.search(answer) and not _CLOSED_FENCE.search(answer)  # indented: the body
+    assert _TEST_AFTER_DEF.search(answer + "# Test cases\n")
+    assert _TEST_AFTER_DEF.search(answer + "assert f(1) == 1")
+    assert not _TEST_AFTER_DEF.search("```python\nassert True\n")  # nothing defined yet
+    assert _CLOSED_FENCE.search(answer + "```\n")

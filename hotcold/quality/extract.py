@@ -87,6 +87,29 @@ def defines(code: str, name: str) -> bool:
     return False
 
 
+def definitions_only(code: str) -> str:
+    """`code` without its top-level statements that run things: keep imports, function and class
+    definitions (with their decorators) and assignments whose value calls nothing; drop asserts,
+    prints, example calls and `if __name__ == "__main__":` blocks (as EvalPlus's sanitizer does: an
+    answer's own example usage is not the program under test). Code that does not parse is returned
+    as is."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return code
+    lines = code.split("\n")
+    kept: list[str] = []
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            if node.value is None or any(isinstance(n, ast.Call) for n in ast.walk(node.value)):
+                continue
+        elif not isinstance(node, _DEFINITION):
+            continue
+        first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+        kept.append("\n".join(lines[first - 1:node.end_lineno]))
+    return "\n".join(kept) + "\n" if kept else ""
+
+
 # ---- helpers -------------------------------------------------------------------------------------
 
 def _cut_end_markers(text: str) -> str:

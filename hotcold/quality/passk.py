@@ -5,11 +5,14 @@ answer's code run against the task's tests in the sandbox, with a 95% interval.
 
 * prompt: the model's chat template around one user turn (`workloads.pass1_message`: MBPP's task text
   and its test asserts; HumanEval's instruction prompt), no system message of ours;
-* generation: greedy, at most `max_new_tokens`, stopping at an end-of-turn token or as soon as the
-  answer's first fenced code block is closed (nothing after it is used); tasks are sorted by prompt
+* generation: greedy, at most `max_new_tokens`, stopping at an end-of-turn token, as soon as the
+  answer's first fenced code block is closed (nothing after it is used), or when that block, after a
+  definition, starts a top-level test or example line (assert, print, `if __name__`, `# Test`); tasks are sorted by prompt
   length and batched `batch_size` at a time (left padding, masked: `generate_batch`);
-* scoring: the code of the first fenced block (`quality.extract`; for HumanEval the prompt's imports
-  are put before it), run with the task's tests in the sandbox (`quality.sandbox`);
+* scoring: the code of the first fenced block (`quality.extract`), reduced to its imports,
+  definitions and constant assignments (`definitions_only`: the answer's own example calls and copied
+  asserts are dropped, as EvalPlus sanitizes), for HumanEval preceded by the prompt's imports, run
+  with the task's tests in the sandbox (`quality.sandbox`);
 * resumable: every `checkpoint_every` tasks the finished tasks are written to `<out>.partial.json`
   (temp file + rename); a run started again with the same model and settings skips them. The result
   JSON holds every task's status, answer and code, the pass rate with Wilson and Clopper-Pearson 95%
@@ -33,6 +36,11 @@ from hotcold.errors import IncompatibleError, InputError
 FORMAT = "hotcold.pass1/1"
 # A fenced block that has been closed: an opening fence line, then a fence at the start of a later line.
 _CLOSED_FENCE = re.compile(r"^[ \t]*```[^\n]*\n.*?^[ \t]*```", re.S | re.M)
+# Inside the first code block, after a definition: a top-level line that starts testing or using it
+# (the answer copying the prompt's asserts, printing examples). definitions_only() drops those lines,
+# so generating them is wasted: the answer stops there.
+_TEST_AFTER_DEF = re.compile(r"^[ \t]*```[^\n]*\n(?:(?!^[ \t]*```).)*?^(?:async def |def |class )(?:(?!^[ \t]*```).)*?"
+                             r"^(?:assert\b|print\(|if __name__|#\s*(?:[Tt]est|[Ee]xample|[Uu]sage|[Cc]heck))", re.S | re.M)
 _IMPORT = re.compile(r"^(?:import [\w., ]+|from [\w.]+ import [\w., ()*]+)$", re.M)
 
 
@@ -44,7 +52,7 @@ class Pass1Config:
     # prompts run to thousands of tokens (mbpp/493: 3742 with Qwen's tokenizer) and go in smaller batches
     max_batch_tokens: int = 16384
     checkpoint_every: int = 16  # tasks
-    stop_at_fence: bool = True  # stop an answer once its first code block is closed
+    stop_at_fence: bool = True  # stop once the first code block is closed or starts testing its definitions
     sandbox_workers: int = 2
     timeout_s: float = 20.0  # per task, in the sandbox (SandboxLimits' default)
 
@@ -134,11 +142,11 @@ def intervals(k: int, n: int, confidence: float = 0.95) -> dict[str, list[float]
 def task_code(task: Any, answer: str) -> tuple[str, str]:
     """(code, extraction method) for `answer`: the first fenced block that defines the function the tests
     call (quality.extract); for HumanEval, preceded by the prompt's import lines (its signature uses them)."""
-    from hotcold.quality.extract import entry_point, extract
+    from hotcold.quality.extract import definitions_only, entry_point, extract
 
     entry = getattr(task, "entry_point", None) or entry_point(task.tests)
     ex = extract(answer, entry)
-    code = ex.code
+    code = definitions_only(ex.code)
     if code and getattr(task, "source", "") == "humaneval":
         imports = "\n".join(m.group(0) for m in _IMPORT.finditer(task.text))
         if imports:
@@ -199,7 +207,8 @@ def run_pass1(model: Any, tok: Any, tasks: Sequence[Any], cfg: Pass1Config, out:
 
             def stop(r: int, new: list[int], _texts=texts) -> bool:
                 _texts[r] += tok.decode(new[-1:], skip_special=False)
-                return cfg.stop_at_fence and _CLOSED_FENCE.search(_texts[r]) is not None
+                return cfg.stop_at_fence and (_CLOSED_FENCE.search(_texts[r]) is not None
+                                              or _TEST_AFTER_DEF.search(_texts[r]) is not None)
 
             t0 = time.perf_counter()
             gens = generate_batch(model, [ids[t.id] for t in batch], cfg.max_new_tokens, eos_ids=stop_ids,
