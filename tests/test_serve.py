@@ -432,3 +432,28 @@ def test_load_small(bundle, tmp_path):
         assert rnd["requests"] == 32 and set(rnd["outcomes"]) <= {"full", "disconnected", "rejected_429"}
         assert rnd["outcomes"].get("full", 0) >= 16
         assert rnd["attempts"] >= rnd["requests"]
+
+
+def test_bundle_without_a_tokenizer_serves_token_ids(tmp_path):
+    """A random model has no tokenizer: completions take token ids and answer them space-separated (as `hotcold run
+    --token-ids` prints them); chat, which needs a template, is refused with a 400."""
+    from hotcold.exporter.export import ExportOptions, export_bundle
+    from hotcold.model.registry import load_source
+    from hotcold.runtime import load
+    from tests.hybrid_util import make_placement
+
+    src = load_source("random:tiny")
+    export_bundle(src, make_placement(src, [0, 64, 200, 256], seed=1), tmp_path / "b",
+                  options=ExportOptions(sparsity=None))
+    r = runner.invoke(cli_app, ["run", str(tmp_path / "b"), "--token-ids", "1,30,40,50", "-n", "6", "--mode", "exact",
+                                "--json"])
+    ref = json.loads(r.stdout[r.stdout.index("{"):])
+    with _serve(load(str(tmp_path / "b"), mode="exact")) as url:
+        got = httpx.post(url + "/v1/completions", json={"model": "tiny-bundle", "prompt": [1, 30, 40, 50],
+                                                        "max_tokens": 6, "temperature": 0}).json()
+        assert got["choices"][0]["text"] == " ".join(map(str, ref["new_ids"]))
+        bad = httpx.post(url + "/v1/completions", json={"model": "tiny-bundle", "prompt": "hi"})
+        assert bad.status_code == 400 and "token ids" in bad.json()["error"]["message"]
+        chat = httpx.post(url + "/v1/chat/completions", json={"model": "tiny-bundle",
+                                                              "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and "no tokenizer" in chat.json()["error"]["message"]

@@ -261,6 +261,10 @@ def parse_generation(body: dict, kind: str, model_name: str, tokenizer: Any, voc
     else:
         ids = _prompt_ids(body, tokenizer, vocab)
 
+    if any(not 0 <= t < vocab for t in ids):  # a bundle whose tokenizer knows more ids than its model
+        raise APIError(500, f"the bundle's tokenizer produced token ids outside the model's vocabulary [0, {vocab}); "
+                            "re-export the bundle with the model's own tokenizer", type="server_error",
+                       code="tokenizer_mismatch")
     room = max_len - len(ids)
     if room < 1:
         raise APIError(400, f"the prompt is {len(ids)} tokens; this server's context is {max_len} tokens, which "
