@@ -42,6 +42,16 @@ def smollm_dense(smollm_source):
     return DenseModel.from_source(smollm_source, max_len=1024)
 
 
+@pytest.fixture(scope="module")
+def smollm_dense_fp64(smollm_source):
+    """SmolLM2 in float64: the exact reference that fp32 results are measured against (tests/fp64_util.py)."""
+    import torch
+
+    from hotcold.model.dense import DenseModel
+
+    return DenseModel.from_source(smollm_source, dtype=torch.float64, max_len=1024)
+
+
 @pytest.fixture(scope="session")
 def tiny_source():
     from hotcold.model.registry import load_source

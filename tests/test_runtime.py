@@ -17,6 +17,7 @@ from hotcold.runtime import load
 from hotcold.runtime.build import from_bundle
 from hotcold.bundle import Bundle
 from tests.hybrid_util import frequency_order, make_placement, tiny_profile
+from tests.fp64_util import assert_as_exact_as_dense
 
 PLACEMENTS = {"all_gpu": [256] * 4, "all_cpu": [0] * 4, "split": [0, 64, 200, 256]}
 IDS = [1, 17, 200, 33, 4, 99, 123, 7, 45, 300, 12, 8]
@@ -32,6 +33,11 @@ def src():
 @pytest.fixture(scope="module")
 def dense(src):
     return DenseModel.from_source(src)
+
+
+@pytest.fixture(scope="module")
+def dense64(src):
+    return DenseModel.from_source(src, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +63,15 @@ def bundles(src, profile, tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(PLACEMENTS))
 @pytest.mark.parametrize("rule", ["product", "gate", "product-bundled"])
-def test_exact_equals_dense(bundles, dense, name, rule):
+def test_exact_equals_dense(bundles, dense, dense64, name, rule):
+    """As exact as the dense fp32 model, measured against the float64 one (tests/fp64_util.py)."""
     m = load(bundles[name, rule], mode="exact")
     x = torch.tensor([IDS])
-    torch.testing.assert_close(m.forward(x), dense.forward(x), atol=1e-5, rtol=1e-5)
+    assert_as_exact_as_dense(m.forward(x), dense.forward(x), dense64.forward(x), f"{name}/{rule}")
     gd, gr = generate(dense, IDS[:5], 16, keep_logits=True), generate(m, IDS[:5], 16, keep_logits=True)
     assert gd.new_ids == gr.new_ids
-    assert max((a - b).abs().max().item() for a, b in zip(gd.logits, gr.logits)) < 1e-5
+    ref = dense64.forward(torch.tensor([IDS[:5] + gd.new_ids]))[0, 4: 4 + len(gd.logits)]
+    assert_as_exact_as_dense(torch.stack(gr.logits), torch.stack(gd.logits), ref, f"{name}/{rule}, decode")
 
 
 def _masked_dense_hook(src, bundle, rule):
