@@ -220,8 +220,9 @@ def conclusion_lines(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"Measured here, on this machine's CPU: dense decodes at {d:.1f} ms/token and the hybrid placements at "
             f"{_span(meas)} ms/token, {vs_dense} dense. Without a GPU both sides of the hybrid run on the same CPU "
-            "cores, so their work adds up instead of overlapping, and finding the active cold neurons costs extra "
-            "reads: these timings show that the profiled, placed and exported model runs, not the speed-up.")
+            "cores, so their work adds up instead of overlapping, and what the hybrid saves here is only the reads "
+            "of the neurons it skips: these timings show that the profiled, placed and exported model runs, not "
+            "the speed-up on a GPU.")
         lines.append(
             f"Predicted by the cost model for {target}: {_span(model, '.2f')} ms/token with {_span([100 * h for h in hot], '.0f')}% "
             "of the FFN neurons on the GPU. That is a model (bytes touched / bandwidth), not a measurement; run "
