@@ -17,11 +17,11 @@ and returns y = Σ_active s·(up_j · x)·down_j  [D] float32, the layer's CPU p
 Two implementations with the same semantics:
 - `numba` (when importable): in exact and threshold mode threads take slots strided (slot order is
   hottest-first, so contiguous chunks would give one thread all the dense work); in predictor mode each
-  thread takes an equal share of the *active* slots (striding left the busiest of 16 threads ~15% above
-  the mean, and the call lasts as long as its slowest thread); each keeps a private float32 accumulator of D
+  thread takes an equal share of the *active* slots (striding leaves some threads more active slots than
+  others, and the call lasts as long as its slowest thread); each keeps a private float32 accumulator of D
   values, then the partials are summed. With `group` = G > 1 a thread streams G neurons' rows side by side
-  in one loop (G DRAM streams in flight per core instead of one; software prefetch was tried instead in
-  run 3 and was 4× slower: the chunked loops lost their vectorisation). Weights stay 16-bit in memory and
+  in one loop (G DRAM streams in flight per core instead of one; not software prefetch, which breaks the
+  loops' vectorisation: docs/gpu.md, "Where the defaults come from"). Weights stay 16-bit in memory and
   are widened in registers:
   fp16 through LLVM's `fpext half` (one vcvtph2ps with F16C), bf16 by a 16-bit shift; numba itself
   has no float16 arithmetic, so the arrays are passed as uint16 and reinterpreted by two tiny
@@ -97,15 +97,16 @@ GROUPS = (1, 2, 4, 8)
 
 
 def default_group() -> int:
-    """Neurons a thread streams side by side: HOTCOLD_COLD_GROUP, else 4 (the fastest on the H200 machine's
-    16 cores in the engine's call pattern, run 5: 103 GB/s, against 67 for one at a time)."""
+    """Neurons a thread streams side by side: HOTCOLD_COLD_GROUP, else 4 (the fastest group measured in the
+    engine's call pattern: docs/gpu.md, "Where the defaults come from")."""
     v = os.environ.get("HOTCOLD_COLD_GROUP", "")
     return int(v) if v.strip() else 4
 
 
 def default_dynamic() -> bool:
-    """Dynamic schedule in predictor and threshold mode unless HOTCOLD_COLD_DYNAMIC=0 (run 5: +35% over the
-    static split at group 4)."""
+    """Dynamic schedule in predictor and threshold mode unless HOTCOLD_COLD_DYNAMIC=0 (a thread slowed by its
+    memory or the hypervisor then takes fewer chunks; measured faster than the static split at group 4:
+    docs/gpu.md, "Where the defaults come from")."""
     return os.environ.get("HOTCOLD_COLD_DYNAMIC", "1") not in ("", "0")
 
 
@@ -665,7 +666,7 @@ class ColdKernel:
         """The bundled layout. mask: uint8 [C], nonzero = compute this slot (predictor mode); active: uint8
         [C] flags out (in predictor mode the mask itself: pass the same tensor or none); out: float32 [D]
         for y; counts: float32 [C], += 1 where a slot was active (counted inside the numba kernel, which
-        touches only the active slots; numpy over all C slots costs ~45 µs a layer at 70B shape)."""
+        touches only the active slots, rather than by a second pass over all C slots)."""
         import time
 
         C, D = gate.shape
