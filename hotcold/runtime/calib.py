@@ -279,8 +279,8 @@ def read_ceiling(arrays: list[torch.Tensor], threads: int, log: Callable[[str], 
                  chunk: int = 1 << 15) -> dict[str, Any]:
     """This machine's CPU read rate over `arrays` (each read once per pass, best of 3 passes, the better
     of 1 and 8 streams per core, blocks handed out dynamically): the most a kernel reading these bytes
-    could get, as far as a plain read can tell (run 5's first version, static blocks, read 68-71 GB/s on
-    a machine where the cold kernel reached 92: a slow core held every pass up)."""
+    could get, as far as a plain read can tell (dynamic blocks because with static ones a slow core holds
+    every pass up and the ceiling reads below what the cold kernel reaches)."""
     import numba
 
     numba.set_num_threads(threads)

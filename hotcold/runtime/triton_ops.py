@@ -14,7 +14,7 @@ Each gemv's block shape is chosen once per matrix shape by timing a few candidat
 graph capture; scratch outputs, so the engine's state is untouched).
 
 Numerics: fp16 weights, fp32 accumulation and fp32 activations between kernels (the torch path rounds
-activations to fp16 between ops; the two agree to fp16 rounding, checked in tests/test_accel_triton.py).
+activations to fp16 between ops; the two agree to fp16 rounding, checked in tests/test_triton.py).
 Tests run these kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1) at toy shapes.
 """
 
