@@ -419,10 +419,12 @@ def hotsets_cmd(
             from hotcold.workloads import load_dataset
 
             ds = load_dataset(eval_, eval_split, limit=eval_limit, offset=eval_offset)
-            src = load_source(model or prof.manifest["model"].get("source"))
+            name = model or prof.manifest["model"].get("source")
+            src = load_source(name)
             if src.fingerprint != prof.fingerprint:
-                raise IncompatibleError(f"--model {model} is not the model {profile} was profiled on",
-                                        "drop --model, or pass the profile's model")
+                raise IncompatibleError(f"{'--model ' if model else 'the profile source '}{name} is not the model "
+                                        f"{profile} was profiled on (fingerprints differ)",
+                                        "pass --model with the model the profile was made from")
             act = prof.manifest["activation"]
             ts = act.get("thresholds")
             spec = ActivationSpec(kind=act["kind"], thresholds=tuple(ts)) if act["kind"] == "magnitude" and ts \
