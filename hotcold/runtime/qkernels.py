@@ -71,6 +71,27 @@ def _numba_qkernel(bits: int, asym: bool, group: int) -> Any:
 
         return sig, codegen
 
+    # codes to float32 in LLVM IR: numba would widen a uint8 to int64 first, and int64 -> float has no
+    # packed instruction before AVX-512, so the unpacking loops would stay scalar
+    def _code_intrinsic(op):
+        @intrinsic
+        def conv(typingctx, v):
+            sig = types.float32(v)
+
+            def codegen(context, builder, signature, args):
+                return op(builder, args[0])
+
+            return sig, codegen
+
+        return conv
+
+    i8 = ir.IntType(8)
+    _lo4 = _code_intrinsic(lambda b, v: b.uitofp(b.and_(v, ir.Constant(i8, 15)), ir.FloatType()))
+    _hi4 = _code_intrinsic(lambda b, v: b.uitofp(b.lshr(v, ir.Constant(i8, 4)), ir.FloatType()))
+    _u8 = _code_intrinsic(lambda b, v: b.uitofp(v, ir.FloatType()))
+    _s8 = _code_intrinsic(lambda b, v: b.sitofp(v, ir.FloatType()))
+    SIGNED8 = bits == 8 and not asym
+
     _fetch_add = fetch_add()
     FM = {"reassoc", "contract", "arcp", "nsz"}  # no 'ninf': exp(-g) may overflow to inf
     GS = group  # values per scale
@@ -85,8 +106,10 @@ def _numba_qkernel(bits: int, asym: bool, group: int) -> Any:
         """Codes of values i and H + i of the group whose data starts at byte bo of row j, as float32."""
         if bits == 4:
             b = p[j, bo + i]
-            return np.float32(b & 15), np.float32(b >> 4)
-        return np.float32(p[j, bo + i]), np.float32(p[j, bo + H + i])
+            return _lo4(b), _hi4(b)
+        if SIGNED8:
+            return _s8(p[j, bo + i]), _s8(p[j, bo + H + i])
+        return _u8(p[j, bo + i]), _u8(p[j, bo + H + i])
 
     @njit(inline="always")
     def scale_off(q16, j, gi, sb, ob):
