@@ -145,7 +145,7 @@ def test_run_pass1_writes_every_task_and_resumes_from_its_checkpoint(tiny_gguf, 
     partial = tmp_path / "p.json.partial.json"
     assert not out.exists() and partial.is_file()
     assert len(json.loads(partial.read_text())["tasks"]) == 2
-    with pytest.raises(IncompatibleError, match="another config"):
+    with pytest.raises(IncompatibleError, match="another max_new_tokens"):
         run_pass1(m, tok, tasks, Pass1Config(max_new_tokens=7, batch_size=2), out, header=header, show_progress=False)
     res = run_pass1(m, tok, tasks, cfg, out, header=header, show_progress=False)
     d = json.loads(out.read_text())

@@ -52,12 +52,16 @@ class Pass1Config:
     # prompts run to thousands of tokens (mbpp/493: 3742 with Qwen's tokenizer) and go in smaller batches
     max_batch_tokens: int = 16384
     checkpoint_every: int = 16  # tasks
+    # Tasks are taken in their order, `window` at a time, and sorted by prompt length within a window
+    # (similar lengths batch with little padding): a run stopped early has covered a prefix of the task
+    # list (plus part of one window), not a length-biased subset.
+    window: int = 64
     stop_at_fence: bool = True  # stop once the first code block is closed or starts testing its definitions
     sandbox_workers: int = 2
     timeout_s: float = 20.0  # per task, in the sandbox (SandboxLimits' default)
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "batch_size", "max_batch_tokens", "checkpoint_every", "sandbox_workers"):
+        for name in ("max_new_tokens", "batch_size", "max_batch_tokens", "checkpoint_every", "window", "sandbox_workers"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}",
                                  "pass a positive number")
@@ -188,9 +192,9 @@ def run_pass1(model: Any, tok: Any, tasks: Sequence[Any], cfg: Pass1Config, out:
     if limit is not None and longest is not None and len(ids[longest.id]) + cfg.max_new_tokens > limit:
         raise InputError(f"task {longest.id}'s prompt has {len(ids[longest.id])} tokens: with {cfg.max_new_tokens} new "
                          f"tokens it exceeds the model's context of {limit}", "pass a smaller --max-new-tokens")
-    # Similar lengths in one batch waste the least padding: longest first, so the first batch is the
-    # largest and a memory problem shows at once.
-    todo.sort(key=lambda t: -len(ids[t.id]))
+    # Within each window, longest first: similar lengths in one batch waste the least padding.
+    order = {t.id: i for i, t in enumerate(tasks)}
+    todo.sort(key=lambda t: (order[t.id] // cfg.window, -len(ids[t.id])))
     stop_ids = tuple(getattr(tok, "stop_ids", None) or tok.eos_ids)
     pad_id = stop_ids[0] if stop_ids else 0
     box = Sandbox(SandboxLimits(timeout_s=cfg.timeout_s))
@@ -202,7 +206,7 @@ def run_pass1(model: Any, tok: Any, tasks: Sequence[Any], cfg: Pass1Config, out:
     since_write = 0
     with progress(disable=not show_progress) as p:
         bar = p.add_task("pass@1", total=len(tasks), completed=len(result.tasks), info=_info(result))
-        for batch in _batches(todo, ids, cfg):
+        for batch in _batches(todo, ids, cfg, {t.id: order[t.id] // cfg.window for t in todo}):
             texts = [""] * len(batch)
 
             def stop(r: int, new: list[int], _texts=texts) -> bool:
@@ -242,12 +246,12 @@ def run_pass1(model: Any, tok: Any, tasks: Sequence[Any], cfg: Pass1Config, out:
     return result
 
 
-def _batches(todo: list[Any], ids: dict[str, list[int]], cfg: Pass1Config) -> list[list[Any]]:
-    """Consecutive tasks (sorted longest prompt first) grouped up to batch_size rows and
+def _batches(todo: list[Any], ids: dict[str, list[int]], cfg: Pass1Config, window_of: dict[str, int]) -> list[list[Any]]:
+    """Consecutive tasks of one window (sorted longest prompt first) grouped up to batch_size rows and
     max_batch_tokens cache slots; a task too long for the token budget runs alone."""
     out: list[list[Any]] = []
     for t in todo:
-        if out:
+        if out and window_of[out[-1][0].id] == window_of[t.id]:
             cur = out[-1]
             longest = max(len(ids[x.id]) for x in cur + [t])
             if len(cur) < cfg.batch_size and (len(cur) + 1) * (longest + cfg.max_new_tokens) <= cfg.max_batch_tokens:
@@ -265,8 +269,11 @@ def _partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial.json")
 
 
-# What must be equal for a checkpoint to be resumed: same model weights, task list and settings.
-_RESUME_KEYS = ("format", "model", "task_ids", "config", "prompt", "dtype")
+# What must be equal for a checkpoint to be resumed: same model weights, task list, prompt and the
+# settings that change an answer. Batching does not (greedy answers are the same batched or one by one,
+# tests/test_qwen.py), so a run may resume with another batch size, window or checkpoint interval.
+_RESUME_KEYS = ("format", "model", "task_ids", "prompt", "dtype")
+RESULT_SETTINGS = ("max_new_tokens", "stop_at_fence", "timeout_s")
 
 
 def _load_partial(path: Path, head: dict[str, Any]) -> Pass1Result:
@@ -278,6 +285,10 @@ def _load_partial(path: Path, head: dict[str, Any]) -> Pass1Result:
                          f"delete {path} to start again") from None
     for key in _RESUME_KEYS:
         if d.get(key) != head.get(key):
+            raise IncompatibleError(f"checkpoint {path} was made with another {key} than this run",
+                                    f"delete {path} to start again, or use another --out")
+    for key in RESULT_SETTINGS:
+        if d.get("config", {}).get(key) != head["config"].get(key):
             raise IncompatibleError(f"checkpoint {path} was made with another {key} than this run",
                                     f"delete {path} to start again, or use another --out")
     return Pass1Result(head, tasks, list(d.get("sessions", [])))
