@@ -40,7 +40,8 @@ def fit_hardware(res: dict[str, Any], hw, cfg: ModelConfig, dt_name: str, o: Ben
     per split layer = hotcold-fixed's time not explained by the model with the two above and no sync
                      (exchange, launches, host work around the kernel): link.host_overhead_seconds beyond
                      the measured sync where the HardwareSpec has that field, else link.sync_seconds
-    Fitted on hotcold-fixed (and dense-gpu); every other run is an out-of-sample check.
+    Fitted on hotcold-fixed (and dense-gpu); every other run is an out-of-sample check. Skipped (and said
+    so in res["hardware_fit_skipped"]) when hotcold-fixed has no cold neurons.
     """
     import dataclasses
 
@@ -48,6 +49,9 @@ def fit_hardware(res: dict[str, Any], hw, cfg: ModelConfig, dt_name: str, o: Ben
 
     R = res["runs"]
     d, f = R["dense-gpu"], R["hotcold-fixed"]
+    if f["cpu_GBps"] is None:  # every neuron fit the GPU budget: no cold-kernel rate to fit cpu.bandwidth on
+        res["hardware_fit_skipped"] = "hotcold-fixed computed no cold neurons (the budget holds them all)"
+        return
     gpu_bw = d["gpu_bytes_per_token"] / (d["ms_per_token"] * 1e-3)
     cpu_bw = f["cpu_GBps"] * 1e9
     base = dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, bandwidth=gpu_bw),

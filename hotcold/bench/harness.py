@@ -120,6 +120,7 @@ class BenchContext:
 
 
 def run_bench(o: BenchOptions) -> dict[str, Any]:
+    """Every run `o` asks for, in order; the result (also handed to o.checkpoint after each run)."""
     ctx = start(o)
     prep = prepare(o, ctx.cfg, ctx.dt_name, ctx.hw, ctx.rank, ctx.res)
     ctx.f_match, ctx.f_shift, ctx.placements = prep["f_match"], prep["f_shift"], prep["placements"]

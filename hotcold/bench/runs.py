@@ -224,7 +224,7 @@ def threshold_run(ctx: BenchContext, p) -> None:
     r["measured_cold_density"] = r["cold_active_per_token"] / max(n_cold, 1)
     fm = np.minimum(ctx.f_match, F_CAP)
     hm = hot_mask(eng, ctx)
-    r["expected_cold_density"] = float(fm[~hm].mean())
+    r["expected_cold_density"] = float(fm[~hm].mean()) if (~hm).any() else 0.0
     r["predicted"] = predict_ms(ctx.cost_model(ctx.hw, "threshold"), fm, hm)
     r["model_error"] = r["predicted"]["ms_per_token"] / r["ms_per_token"] - 1
     ctx.masks["hotcold-fixed-threshold"] = (hm, fm, "threshold")
