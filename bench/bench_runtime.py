@@ -121,27 +121,35 @@ def main() -> None:
         contenders[f"{name}/threshold"] = load(path, mode="threshold", max_len=max_len, device="cpu")
     contenders["all-cpu/bundled/exact"] = load(bundles["all-cpu/bundled"], mode="exact", max_len=max_len, device="cpu")
     names = list(contenders)
-    for m in contenders.values():  # warm-up
-        generate(m, prompts[0][:16], 4)
+    for m in contenders.values():  # warm-up (numba compiles the cold kernels on first use)
+        m.generate(prompts[0][:16], 4) if hasattr(m, "step") else generate(m, prompts[0][:16], 4)
     step_s: dict[str, list[float]] = {k: [] for k in names}
     for m in contenders.values():
-        if hasattr(m, "stats"):
-            m.stats.reset()
+        if hasattr(m, "reset_stats"):
+            m.reset_stats()
+
+    def first(m, ids):  # prefill: the dense model's forward, or the runtime's own batched prefill
+        if hasattr(m, "step"):
+            return None, int(m.prefill(ids).argmax())
+        cache = m.new_cache(1, len(ids) + args.new_tokens + 1)
+        return cache, int(m.forward(torch.tensor([ids]), 0, cache, last_only=True)[0, -1].argmax())
+
+    def next_token(m, cache, pos, t):  # one decode step: the runtime's step() is what `hotcold run` runs
+        if hasattr(m, "step"):
+            m.step(t)
+            return int(m.logits.argmax())
+        return int(m.forward(torch.tensor([[t]]), pos, cache, last_only=True)[0, -1].argmax())
+
     with torch.inference_mode():
         for rep in range(args.repeats):
             for pi, ids in enumerate(prompts):
-                state = {}
-                for k, m in contenders.items():
-                    cache = m.new_cache(1, len(ids) + args.new_tokens + 1)
-                    logits = m.forward(torch.tensor([ids]), 0, cache, last_only=True)[0, -1]
-                    state[k] = [cache, int(logits.argmax())]
+                state = {k: list(first(m, ids)) for k, m in contenders.items()}
                 for step in range(args.new_tokens):
                     shift = step % len(names)
                     for k in names[shift:] + names[:shift]:
                         cache, t = state[k]
                         t0 = time.perf_counter()
-                        logits = contenders[k].forward(torch.tensor([[t]]), len(ids) + step, cache, last_only=True)[0, -1]
-                        nxt = int(logits.argmax())
+                        nxt = next_token(contenders[k], cache, len(ids) + step, t)
                         step_s[k].append(time.perf_counter() - t0)
                         state[k][1] = nxt
                 log(f"repeat {rep} prompt {pi}: median ms/token " +
@@ -158,7 +166,7 @@ def main() -> None:
             "speed_ratio_vs_dense_of_totals": sum(dense_s) / sum(v)}
     reports = {}
     for name, m in contenders.items():
-        if hasattr(m, "stats"):
+        if hasattr(m, "report"):
             r = m.report()
             reports[name] = {"decode": {k: v for k, v in r["decode"].items() if k != "layers"},
                              "layers": r["decode"]["layers"], "memory": r["memory"]}
@@ -178,7 +186,7 @@ def main() -> None:
         cli["hotcold run (threshold)"].append(r["decode_tokens_per_s"])
         log(f"cli repeat {rep}: generate {g['decode_tokens_per_s']:.1f}, run {r['decode_tokens_per_s']:.1f} tok/s")
     ratios = [a / b for a, b in zip(cli["hotcold run (threshold)"], cli["hotcold generate"])]
-    result["cli"] = {"bundle": str(run_bundle), "samples": cli, "kernel": r.get("kernel"),
+    result["cli"] = {"bundle": str(run_bundle), "samples": cli, "kernel": r.get("kernel"), "device": r.get("device"),
                      "ratio_median": statistics.median(ratios), "ratios": ratios}
     result["machine"]["loadavg_end"] = loadavg()
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

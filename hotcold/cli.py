@@ -31,6 +31,7 @@ STAGES = (
     "hotcold.bench.cli",
     "hotcold.study.cli",
     "hotcold.serve.cli",
+    "hotcold.quality.cli",
 )
 
 

@@ -49,6 +49,7 @@ class CompileOptions:
     cold_mode: str = "threshold"
     ctx_len: int | None = None
     time_limit: float = 60.0
+    device: str = "cpu"  # where profiling runs (cpu | cuda | auto); not part of the profile's identity
 
 
 @dataclass
@@ -111,9 +112,10 @@ def compile_bundle(model: str, out: str | Path, options: CompileOptions | None =
 
     # ---- profile --------------------------------------------------------------------------------
     popts = ProfileOptions(mode=opts.mode, max_new_tokens=opts.max_new_tokens, prompt_format=opts.prompt_format,
-                           samples=opts.samples, activation=ActivationSpec(sparsity=opts.profile_sparsity))
+                           samples=opts.samples, activation=ActivationSpec(sparsity=opts.profile_sparsity),
+                           device=opts.device)
     pkey = sha256_json({"model": src.fingerprint, "dataset": opts.dataset, "split": opts.split, "limit": opts.limit,
-                        "offset": opts.offset, "options": {k: str(v) for k, v in asdict(popts).items()}})
+                        "offset": opts.offset, "options": {k: str(v) for k, v in asdict(popts).items() if k != "device"}})
     ppath = parts / "profile"
     prof = _reusable(state, "profile", pkey, lambda: Profile.load(ppath, with_samples=need_samples),
                      lambda p: p.content_hash)
@@ -190,6 +192,7 @@ def compile_cmd(
     cpu_layout: Annotated[str, typer.Option("--cpu-layout", help="auto, bundled or split (see `hotcold export --help`).")] = "auto",
     sparsity: Annotated[float, typer.Option("--sparsity", min=0.0, max=0.999, help="Target per-layer sparsity for t_l.")] = 0.5,
     predictors: Annotated[bool, typer.Option("--predictors", help="Train and export ONNX predictors.")] = False,
+    device: Annotated[str, typer.Option("--device", help="Where profiling runs: auto (cuda when present), cuda or cpu.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")] = False,
 ) -> None:
     """Compile a model for a GPU budget in one command: profile -> solve -> export. Intermediate artifacts are
@@ -204,7 +207,7 @@ def compile_cmd(
 
     copts = CompileOptions(dataset=dataset, split=split, limit=limit, mode=mode, samples=samples, preset=preset,
                            hardware=str(hardware) if hardware else None, policy=policy, gpu_budget=gpu_budget,
-                           cpu_budget=cpu_budget, cold_mode=cold_mode, ctx_len=ctx_len)
+                           cpu_budget=cpu_budget, cold_mode=cold_mode, ctx_len=ctx_len, device=device)
     eopts = _options(canonical_dtype(dtype), rule, sparsity, None, predictors, 0.9, 30, "", None, cpu_layout)
     res = compile_bundle(model, out_dir, copts, eopts, log=lambda s: err.print(f"[dim]{s}[/]"))
     info = {"bundle": str(res.bundle), "parts": str(res.parts), "reused": res.reused, "keys": res.keys,
