@@ -70,10 +70,10 @@ def test_runtime_predictor_mode(bundle):
     torch.testing.assert_close(a.forward(ids), b.forward(ids), atol=1e-5, rtol=1e-5)
     rep = a.report()["prefill"]["layers"][0]
     assert rep["predicted_per_forward"] > 0
-    # a predictor that selects every neuron turns predictor mode into threshold mode
-    a.predictors.decision = [-math.inf] * 4
-    thr = load(p, mode="threshold", prefill="sparse")
-    torch.testing.assert_close(a.forward(ids), thr.forward(ids), atol=1e-5, rtol=1e-5)
+    # the predicted neurons are computed exactly: a predictor that selects every neuron gives exact mode
+    a.selector.decision.fill_(-math.inf)
+    ex = load(p, mode="exact")
+    torch.testing.assert_close(a.forward(ids), ex.forward(ids), atol=1e-5, rtol=1e-5)
     g = a.generate([1, 17, 200], 5)
     assert len(g.new_ids) == 5 and a.report()["decode"]["tokens"] == 4
 
