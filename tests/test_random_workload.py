@@ -73,12 +73,12 @@ def test_study_on_a_workload_model_through_the_engine(tmp_path, mbpp_path, smoll
     out = tmp_path / "study"
     r = runner.invoke(app, ["study", "-m", f"random:tiny:n_layers=3,workload=synthetic,tokenizer={d}",
                             "--dataset", f"mbpp:{mbpp_path}", "--profile-limit", "4", "--eval-limit", "1",
-                            "--budgets", "ffn:0.3", "--policies", "fixed,dynamic", "--engine", "accel",
+                            "--budgets", "ffn:0.3", "--policies", "fixed,dynamic",
                             "--new-tokens", "4", "--device", "cpu", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     fixed, dyn = res["runs"]
-    assert fixed["engine"] == dyn["engine"] == "accel" and res["engine"] == "accel"
+    assert fixed["engine"] == dyn["engine"] == "runtime" and res["engine"] == "runtime"
     assert dyn["gpu_bytes"] == fixed["gpu_bytes"]  # dynamic moves neurons within fixed's memory
     assert dyn["migration"]["decisions"] >= 1
     assert fixed["hot_neurons"] == dyn["hot_neurons"] == "dense"  # as the runtime computes them

@@ -79,7 +79,6 @@ def study_cmd(
     pass_at_1: Annotated[int, typer.Option("--pass-at-1", min=0, help="Tasks to generate and test in the sandbox per run (0 skips).")] = 0,
     dtype: Annotated[str, typer.Option("--dtype", help="Weights: float32, float16 or bfloat16 (float16 on a GPU).")] = "float32",
     device: Annotated[str, typer.Option("--device", help="Where the dense reference, profiler and the GPU part run: cpu, cuda or auto.")] = "auto",
-    engine: Annotated[str, typer.Option("--engine", help="Decode timing: runtime (hotcold run), accel (the GPU engine, hotcold bench) or auto (accel on CUDA).")] = "auto",
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens decoded for each speed measurement.")] = 32,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Results directory.")] = Path("hotcold-study"),
     json_out: JsonOpt = False,
@@ -102,7 +101,7 @@ def study_cmd(
                       budgets=[b.strip() for b in budgets.split(",") if b.strip()],
                       policies=[p.strip() for p in policies.split(",") if p.strip()], sparsity=sparsity,
                       thresholds=[t.strip() for t in thresholds.split(',') if t.strip()], hardware=hardware, pass_at_1=pass_at_1,
-                      dtype=dtype, device=device, engine=engine, speed_new_tokens=new_tokens, out=out_dir)
+                      dtype=dtype, device=device, speed_new_tokens=new_tokens, out=out_dir)
     _run(cfg, json_out)
 
 
@@ -118,7 +117,7 @@ def demo_config(workload: Path | None, cuda: bool):
 
     With MBPP it profiles the train split and evaluates on the test split; without, hotcold's embedded
     tasks split the same way (train 25-48, test 1-24), so evaluation is never on profiled prompts. On a
-    CUDA machine the GPU side runs on the GPU (the GPU engine, float16) and the cost model is calibrated
+    CUDA machine the GPU side runs on the GPU (float16, CUDA graphs) and the cost model is calibrated
     on this machine, so modelled and measured times are of the same hardware; on a CPU the cost model is
     pc-high's (a desktop GPU + CPU), the machine the demo predicts for.
     """
@@ -128,7 +127,7 @@ def demo_config(workload: Path | None, cuda: bool):
     return StudyConfig(model="smollm2-135m", dataset=dataset, profile_split="train", eval_split="test",
                        profile_limit=16, eval_limit=4, budgets=["ffn:0.1", "ffn:0.3", "ffn:0.6"],
                        policies=["fixed", "adaptive"], hardware="calibrate" if cuda else "pc-high",
-                       dtype="float16" if cuda else "float32", device="auto", engine="auto",
+                       dtype="float16" if cuda else "float32", device="auto",
                        speed_new_tokens=16)
 
 

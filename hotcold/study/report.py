@@ -147,16 +147,6 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                  f"ms/token are this run's on {where}"
                  + (" where the GPU side runs on the CPU too, so the two sides' work adds up instead of overlapping."
                     if dev == "cpu" else "."))
-    engines = {r.get("engine", "runtime") for r in results["runs"]}
-    if "accel" in engines:
-        # studies recorded before `hot_neurons` existed ran the engine with hot neurons thresholded
-        sparse_hot = any(r.get("engine") == "accel" and r.get("hot_neurons", "thresholded") == "thresholded"
-                         for r in results["runs"])
-        lines.append("Runs marked `accel` were decoded by the GPU engine (hotcold.accel: CUDA graphs, numba CPU kernel)"
-                     + (", whose threshold mode applied t_l to hot neurons too, so their quality is the same for every "
-                        "placement; `runtime` runs (hotcold run) compute hot neurons densely." if sparse_hot else
-                        " with hot neurons computed densely, as `runtime` runs (hotcold run) compute them.")
-                     + (" `dynamic` always runs on the engine." if "runtime" in engines else ""))
     if "random" in results["model"]["source"]:
         lines.append("**Random weights**: latency and memory are the model shape's; quality numbers say only that the "
                      "hybrid model computes what the dense one does, not how well a real model of this shape codes.")
