@@ -20,7 +20,8 @@ def bench_bundle(path: str | Path, *, mode: str = "threshold", tokens: int = 64,
     import torch
 
     from hotcold.bundle import Bundle
-    from hotcold.bench.harness import free_cuda, run_engine
+    from hotcold.bench.harness import free_cuda
+    from hotcold.bench.runs import run_engine
     from hotcold.runtime.build import from_bundle, resolve_device
     from hotcold.solver.hardware import resolve
 
@@ -34,7 +35,6 @@ def bench_bundle(path: str | Path, *, mode: str = "threshold", tokens: int = 64,
     held = (torch.cuda.memory_allocated(dev) - base) if dev.type == "cuda" else None
     load_s = time.perf_counter() - t0
     log(f"loaded {path} in {load_s:.1f} s ({mode} mode, context {ctx})")
-    m.kernel.warm_up(b.config and m.cl[0].tensors()[0].dtype if any(c.n_cold for c in m.cl) else torch.float32)
     r = run_engine(m, tokens, warm)
     acct = m.account
     hw = resolve(path=hardware) if str(hardware).endswith(".json") else resolve(preset_name=hardware)

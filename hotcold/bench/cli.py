@@ -21,6 +21,10 @@ Examples:
   hotcold bench --layers 10 --gpu-budget 48GB --profile prof-mbpp/ --shift-profile prof-prose/ --out r.json
 
   hotcold bench --shape tiny --layers 4 --gpu-budget 80% --device cpu --tokens 4 --json
+
+With --bundle DIR it times an exported Bundle instead (the model `hotcold run` builds from it, the same timing loop), and reports the GPU bytes it holds against the placement's memory account:
+
+  hotcold bench --bundle out/bundle --mode threshold --tokens 64 --json
 """
 
 
@@ -50,6 +54,8 @@ def bench_cmd(
     cpu_group: Annotated[Optional[int], typer.Option("--cpu-group", help="Cold neurons a numba thread streams side by side: 1, 2, 4 or 8 (default 4, or HOTCOLD_COLD_GROUP).")] = None,
     cpu_schedule: Annotated[Optional[str], typer.Option("--cpu-schedule", help="How numba threads share the cold rows: dynamic (chunks from a shared counter) or static (a fixed share each; bit-reproducible). Default dynamic, or HOTCOLD_COLD_DYNAMIC=0.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Weights and workload mapping seed.")] = 0,
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", help="Time this exported Bundle (as `hotcold run` builds it) instead of random weights; --shape, --layers, --gpu-budget, --profile and --runs do not apply.")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="With --bundle: exact, threshold or predictor (as `hotcold run --mode`).")] = "threshold",
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -59,6 +65,9 @@ def bench_cmd(
     from hotcold.memory import parse_bytes
     from hotcold.model.config import shape as get_shape
 
+    if bundle is not None:
+        _bench_bundle(bundle, mode, tokens, warm, device, max_len, hardware, cpu_kernel, cpu_threads, out_file, json_out)
+        return
     full = get_shape(shape)
     if layers < 1 or layers > full.n_layers:
         raise InputError(f"--layers {layers} is outside 1..{full.n_layers} for shape {shape}", "pass e.g. --layers 10")
@@ -100,6 +109,35 @@ def bench_cmd(
         print_json(res)
         return
     print_table(res)
+
+
+def _bench_bundle(bundle: Path, mode: str, tokens: int, warm: int, device: str, max_len: int, hardware: str,
+                  cpu_kernel: str, cpu_threads: Optional[int], out_file: Optional[Path], json_out: bool) -> None:
+    from rich.table import Table
+
+    from hotcold.bench.bundle_run import bench_bundle
+    from hotcold.bench.harness import save_json
+    from hotcold.errors import InputError
+    from hotcold.runtime.cli import MODES
+
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}", f"use one of: {', '.join(MODES)}")
+    res = bench_bundle(bundle, mode=mode, tokens=tokens, warm=warm, device=device, max_len=max_len,
+                       hardware=hardware, log=lambda s: err.print(s, markup=False), cpu_backend=cpu_kernel,
+                       cpu_threads=cpu_threads)
+    if out_file is not None:
+        save_json(res, out_file)
+    if json_out:
+        print_json(res)
+        return
+    t = Table(title=f"{bundle} ({mode} mode, context {res['ctx_len']}, {res['device']['gpu_side']})")
+    for c in ("ms/token", "median", "tok/s", "CPU kernel ms", "floor ms", "x floor", "GPU GB held", "account GB"):
+        t.add_column(c, justify="right")
+    held = res.get("gpu_bytes_after_load")
+    t.add_row(f"{res['ms_per_token']:.2f}", f"{res['ms_per_token_median']:.2f}", f"{res['tokens_per_s']:.1f}",
+              f"{res['cpu_kernel_ms_per_token']:.2f}", f"{res['floor_ms']:.2f}", f"{res['ratio_to_floor']:.2f}",
+              "-" if held is None else f"{held / 1e9:.3f}", f"{res['account_gpu_bytes'] / 1e9:.3f}")
+    out.print(t)
 
 
 def print_table(res: dict) -> None:

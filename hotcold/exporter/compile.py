@@ -101,6 +101,11 @@ def compile_bundle(model: str, out: str | Path, options: CompileOptions | None =
 
     opts = options or CompileOptions()
     eopts = export_options or ExportOptions()
+    from hotcold.memory import parse_bytes
+
+    for what, v in (("GPU budget", opts.gpu_budget), ("CPU budget", opts.cpu_budget)):
+        if v:  # a bad budget fails before the profile is computed
+            parse_bytes(v, what)
     out = Path(out)
     parts = parts_dir(out)
     parts.mkdir(parents=True, exist_ok=True)

@@ -537,6 +537,7 @@ class HybridModel:
 
         With the sends inside the graphs first; if this torch/driver cannot capture them (pinned copies or
         external events refused), again with the sends outside (two graphs per split layer)."""
+        self.warm_kernel()
         if not self.graphs_wanted or self._graphs is not None:
             return
         try:
@@ -550,6 +551,15 @@ class HybridModel:
             self._plan = self._make_plan()
             self._graphs = None
             self._capture()
+
+    def warm_kernel(self) -> None:
+        """JIT-compile the cold kernel for this model's weights once, so no timed step includes it."""
+        if getattr(self, "_kernel_warm", False):
+            return
+        self._kernel_warm = True
+        bundled = [c for c in self.cl if c.n_cold and c.gate is not None]
+        if bundled and self.kernel.backend == "numba":
+            self.kernel.warm_up(bundled[0].gate.dtype)
 
     def _capture(self) -> None:
         saved_pos, saved_host = self.pos.clone(), self.host_pos
