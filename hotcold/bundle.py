@@ -48,7 +48,15 @@ A Bundle is a directory (format version 1):
                          is predicted active when its logit exceeds the layer's decision threshold
 
 k_i = n_hot[i], c_i = n_ff - k_i. Every weight is stored in the bundle dtype (float32, bfloat16 or
-float16); index maps are int32. Hot and cold neurons keep the placement's frequency order, so the
+float16); index maps are int32.
+
+Quantized Bundles (dtype a hotcold.quant format such as q4_g32; docs/quantized.md): every large matrix
+(`QUANTIZED_LEAVES`: wqkv, wo, output, hot_gate_up, hot_down, cold_gate, cold_up_down) is one U8 tensor
+[rows, QFormat.row_bytes(cols)] holding the packed rows of the [rows, cols] matrix named above, with
+manifest quant.tensors[name] = QTensor.meta() + provenance (where each part came from: kept /
+quantized / requantized); tok_embeddings stays float16 (manifest quant.embedding), norms and biases
+are float32 (quant.small). The CPU layout is `bundled` (the quantized cold kernel's). The reader returns
+those tensors as hotcold.quant.QTensor. Hot and cold neurons keep the placement's frequency order, so the
 runtime (and a later migration step) can treat a prefix of either side as "the hottest".
 
 Activation rules of the `threshold` and `predictor` modes (t_l per layer, in the manifest):
@@ -97,10 +105,39 @@ def layout_for(layout: str, rule: str) -> str:
     return layout
 COLD_MODES = ("exact", "threshold", "predictor")
 
-# safetensors dtype tags <-> our canonical dtype names (hotcold.memory)
-ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int64": "I64", "bool": "BOOL"}
+# safetensors dtype tags <-> our canonical dtype names (hotcold.memory); uint8 holds quantized rows
+ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int64": "I64", "bool": "BOOL",
+             "uint8": "U8"}
 ST_DTYPES_INV = {v: k for k, v in ST_DTYPES.items()}
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "bool": 1}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "bool": 1, "uint8": 1}
+# the matrices a quantized Bundle stores quantized (name leaves); everything else stays float
+QUANTIZED_LEAVES = ("wqkv", "wo", "output", "hot_gate_up", "hot_down", "cold_gate", "cold_up_down")
+
+
+def is_quantized_tensor(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in QUANTIZED_LEAVES
+
+
+def stored_tensors(shapes: dict[str, tuple[int, ...]], dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (stored dtype, stored shape) of a Bundle file's tensors, from their logical shapes.
+
+    Float bundles store every weight in `dtype`. Quantized ones store the QUANTIZED_LEAVES as uint8
+    [rows, row_bytes(cols)], the token embedding in float16 and norms / biases in float32 (hotcold.memory's
+    embedding_dtype and small_dtype: the account prices the same choice)."""
+    from hotcold.memory import embedding_dtype, quant_format, small_dtype
+
+    fmt = quant_format(dtype)
+    if fmt is None:
+        return {n: (dtype, s) for n, s in shapes.items()}
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for n, s in shapes.items():
+        if is_quantized_tensor(n):
+            out[n] = ("uint8", (s[0], fmt.row_bytes(s[1])))
+        elif n == "tok_embeddings":
+            out[n] = (embedding_dtype(dtype), s)
+        else:
+            out[n] = (small_dtype(dtype), s)
+    return out
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -215,7 +252,7 @@ def mmap_tensors(path: str | os.PathLike) -> dict[str, Any]:
     import torch
 
     tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
+           "int32": torch.int32, "int64": torch.int64, "bool": torch.bool, "uint8": torch.uint8}
     path = Path(path)
     header, base = read_header(path)
     size = path.stat().st_size
@@ -273,6 +310,13 @@ class Bundle:
     @property
     def cpu_layout(self) -> str:
         return self.manifest["cpu_layout"]
+
+    @property
+    def quant(self) -> Any:
+        """The hotcold.quant.QFormat of a quantized bundle, None for a float one."""
+        from hotcold.memory import quant_format
+
+        return quant_format(self.dtype)
 
     @property
     def n_hot(self) -> list[int]:
@@ -369,11 +413,12 @@ class Bundle:
                                             "re-export the bundle")
         tensors = {}
         dtype = manifest["dtype"]
+        qmeta = _quant_meta(path, manifest)
         for name, shapes, want_dtype in (
                 (GPU_FILE, gpu_tensor_shapes(cfg, n_hot), dtype),
                 (CPU_FILE, cpu_tensor_shapes(cfg, n_hot, manifest.get("cpu_layout")), dtype),
                 (NEURONS_FILE, neuron_tensor_shapes(cfg, n_hot), "int32")):
-            tensors[name] = _load_checked(path / name, shapes, want_dtype, manifest["model"]["fingerprint"])
+            tensors[name] = _load_checked(path / name, shapes, want_dtype, manifest["model"]["fingerprint"], qmeta)
         tok = None
         if manifest.get("tokenizer"):
             tok = _tokenizer(path, manifest["tokenizer"])
@@ -385,14 +430,52 @@ class Bundle:
     def _check_bytes(self) -> None:
         """The bytes held must be what hotcold.memory says this bundle holds (one accounting, re-checked)."""
         acct = self.account(int(self.manifest.get("ctx_len") or 1))
-        gpu_ffn = sum(tensor_bytes(t.shape, self.dtype) for n, t in self.gpu.items() if n.rsplit(".", 1)[-1] in FFN_GPU)
-        cpu_ffn = sum(tensor_bytes(t.shape, self.dtype) for t in self.cpu.values())
+
+        def held(t: Any) -> int:  # a QTensor's packed bytes (scales included), or a float tensor's
+            return int(t.nbytes) if hasattr(t, "fmt") else tensor_bytes(t.shape, self.dtype)
+
+        gpu_ffn = sum(held(t) for n, t in self.gpu.items() if n.rsplit(".", 1)[-1] in FFN_GPU)
+        cpu_ffn = sum(held(t) for t in self.cpu.values())
         if gpu_ffn != acct.gpu["ffn_hot"] or cpu_ffn != acct.cpu["ffn_cold"]:
             raise IncompatibleError(f"bundle {self.path}: FFN tensors hold {gpu_ffn} + {cpu_ffn} bytes, the memory "
                                     f"account says {acct.gpu['ffn_hot']} + {acct.cpu['ffn_cold']}", "re-export the bundle")
 
 
-def _load_checked(p: Path, shapes: dict[str, tuple[int, ...]], dtype: str, fingerprint: str) -> dict[str, Any]:
+def _quant_meta(path: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """manifest quant.tensors of a quantized bundle (checked to be there and of the bundle's format), else None."""
+    from hotcold.memory import quant_format
+
+    try:
+        fmt = quant_format(manifest["dtype"])
+    except InputError:
+        raise IncompatibleError(f"bundle {path}: {MANIFEST} has an unknown dtype {manifest['dtype']!r}",
+                                "re-export the bundle with a float dtype or q4 / q8") from None
+    if fmt is None:
+        return None
+    if manifest.get("cpu_layout") != "bundled":
+        raise IncompatibleError(f"bundle {path}: a quantized bundle must have the bundled CPU layout, not "
+                                f"{manifest.get('cpu_layout')!r}", "re-export the bundle")
+    q = manifest.get("quant")
+    if not isinstance(q, dict) or not isinstance(q.get("tensors"), dict) or q.get("format") != fmt.name:
+        raise IncompatibleError(f"bundle {path}: {MANIFEST} is for {fmt.name} weights but lacks its quant record "
+                                "(format and per-tensor metadata)", "re-export the bundle")
+    return q["tensors"]
+
+
+def _check_qmeta(p: Path, name: str, meta: Any, fmt_name: str, shape: tuple[int, ...]) -> None:
+    """The manifest's QTensor.meta() of one tensor must be the bundle's format at the implied shape."""
+    where = f"bundle {p.parent}: {p.name} tensor {name}"
+    if not isinstance(meta, dict):
+        raise IncompatibleError(f"{where} has no quantization metadata in {MANIFEST}", "re-export the bundle")
+    want = {"format": fmt_name, "shape": list(shape)}
+    got = {"format": meta.get("format"), "shape": meta.get("shape")}
+    if got != want:
+        raise IncompatibleError(f"{where} is recorded as {got['format']} {got['shape']}, the bundle's dtype and "
+                                f"placement need {fmt_name} {list(shape)}", "re-export the bundle")
+
+
+def _load_checked(p: Path, shapes: dict[str, tuple[int, ...]], dtype: str, fingerprint: str,
+                  qmeta: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     header, _ = read_header(p)
     meta = header.get("__metadata__") or {}
     fp = meta.get("model_fingerprint")
@@ -405,12 +488,29 @@ def _load_checked(p: Path, shapes: dict[str, tuple[int, ...]], dtype: str, finge
     if missing or extra:
         raise IncompatibleError(f"bundle {p.parent}: {p.name} does not hold the tensors its manifest implies "
                                 f"(missing {missing[:3]}, unexpected {extra[:3]})", "re-export the bundle")
-    for n, shape in shapes.items():
+    stored = stored_tensors(shapes, dtype) if dtype != "int32" else {n: (dtype, s) for n, s in shapes.items()}
+    for n, (sdt, shape) in stored.items():
         rec = header[n]
-        if tuple(rec["shape"]) != tuple(shape) or ST_DTYPES_INV.get(rec["dtype"]) != dtype:
+        if tuple(rec["shape"]) != tuple(shape) or ST_DTYPES_INV.get(rec["dtype"]) != sdt:
             raise IncompatibleError(f"bundle {p.parent}: {p.name} has {n} {rec['dtype']} {rec['shape']}, the manifest's "
-                                    f"model and placement need {dtype} {list(shape)}", "re-export the bundle")
-    return mmap_tensors(p)
+                                    f"model and placement need {sdt} {list(shape)}", "re-export the bundle")
+    out = mmap_tensors(p)
+    if qmeta is not None and dtype != "int32":
+        from hotcold.quant import QTensor
+
+        for n, shape in shapes.items():
+            if is_quantized_tensor(n):
+                _check_qmeta(p, n, qmeta.get(n), dtype, shape)
+                try:
+                    qt = QTensor.from_packed(out[n], qmeta[n])
+                except InputError as e:
+                    raise IncompatibleError(f"bundle {p.parent}: {p.name} tensor {n}: {e.what}",
+                                            "re-export the bundle") from None
+                if qt.fmt.name != dtype:  # bits / group / asym must spell the recorded format
+                    raise IncompatibleError(f"bundle {p.parent}: {p.name} tensor {n} has bits/group/asym of "
+                                            f"{qt.fmt.name}, recorded as {dtype}", "re-export the bundle")
+                out[n] = qt
+    return out
 
 
 def _tokenizer(path: Path, entry: dict[str, Any]):

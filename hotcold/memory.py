@@ -13,10 +13,15 @@ What the runtime holds for a LLaMA-family model (design.md §2, §5):
 
 A neuron's three rows have the same size (`neuron_bytes`), so "n hot neurons" is all the solver needs to
 know about FFN memory. Norms and biases are stored in the weight dtype when it is a float type, and in
-float32 for block-quantized weights (as GGUF does); the KV cache likewise (float16 for quantized weights).
+float32 for quantized weights (as GGUF does); the KV cache in the weight dtype, float16 for quantized
+weights; the token embedding in the weight dtype, float16 for quantized weights (a row lookup, read one
+row per token: quantizing it would save GPU memory but no time; the untied LM head is quantized).
 
-Block-quantized dtypes (`q8_0`, `q4_0`: GGUF's 32-element blocks of 34 and 18 bytes) are accounted for so
-that placements of 70B models on 24 GB GPUs can be modelled; the exporter writes float dtypes only.
+Quantized dtypes are hotcold.quant's group-wise formats, named as `QFormat.name` (`q4_g32`, `q8_g32`,
+`q4a_g32`, `q4_g64`, ...; `q4`, `q8`, `q4a`, `q8a` and GGUF's `q4_0`, `q8_0`, `q4_1` are aliases of the
+group-32 ones). Their bytes come from `QFormat.row_bytes` (codes + float16 scales, + offsets when
+asymmetric): `q4_0`'s 32-element blocks are 18 bytes, `q8_0`'s 34, exactly GGUF's. The exporter writes
+these formats (docs/quantized.md), so the account, the solver and the Bundle price the same bytes.
 """
 
 from __future__ import annotations
@@ -29,15 +34,10 @@ from typing import Any
 from hotcold.errors import InputError
 from hotcold.model.config import ModelConfig
 
-# dtype -> (elements per block, bytes per block)
-DTYPES: dict[str, tuple[int, int]] = {
-    "float32": (1, 4),
-    "float16": (1, 2),
-    "bfloat16": (1, 2),
-    "q8_0": (32, 34),  # 32 int8 + one float16 scale
-    "q4_0": (32, 18),  # 32 4-bit values + one float16 scale
-}
+# float dtype -> bytes per element (quantized dtypes: hotcold.quant.QFormat, see quant_format)
+DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+QUANT_EXAMPLES = ("q4", "q8", "q4a", "q8a", "q4_g64", "q4_0", "q8_0", "q4_1")
 _ALIASES = {
     "fp32": "float32", "f32": "float32", "float": "float32", "torch.float32": "float32",
     "fp16": "float16", "f16": "float16", "half": "float16", "torch.float16": "float16",
@@ -49,17 +49,39 @@ INDEX_BYTES = 4  # int32 neuron indices
 
 
 def canonical_dtype(dtype: Any) -> str:
-    """'fp16', 'f16', torch.float16, 'half' -> 'float16'; unknown -> InputError listing what is known."""
+    """'fp16', 'f16', torch.float16, 'half' -> 'float16'; 'q4', 'q4_0' -> 'q4_g32' (hotcold.quant's name);
+    unknown -> InputError listing what is known."""
+    from hotcold.quant import parse_format
+
     name = str(dtype).lower()
     name = _ALIASES.get(name, name)
-    if name not in DTYPES:
-        raise InputError(f"unknown weight dtype {dtype!r}",
-                         f"use one of: {', '.join(DTYPES)} (aliases: fp32, fp16, bf16)")
-    return name
+    if name in DTYPES:
+        return name
+    if name.startswith("q"):
+        fmt = parse_format(name)  # InputError for a malformed q... name
+        if fmt is not None:
+            return fmt.name
+    raise InputError(f"unknown weight dtype {dtype!r}",
+                     f"use one of: {', '.join(DTYPES)} (aliases: fp32, fp16, bf16), or a quantized format: "
+                     f"{', '.join(QUANT_EXAMPLES)}")
+
+
+def quant_format(dtype: Any):
+    """The hotcold.quant.QFormat of a quantized dtype, None for a float dtype."""
+    from hotcold.quant import parse_format
+
+    d = canonical_dtype(dtype)
+    return None if d in FLOAT_DTYPES else parse_format(d)
 
 
 def is_float(dtype: Any) -> bool:
     return canonical_dtype(dtype) in FLOAT_DTYPES
+
+
+def embedding_dtype(dtype: Any) -> str:
+    """dtype of the token embedding: the weight dtype when it is a float type, float16 otherwise."""
+    d = canonical_dtype(dtype)
+    return d if d in FLOAT_DTYPES else "float16"
 
 
 def small_dtype(dtype: Any) -> str:
@@ -75,12 +97,15 @@ def default_kv_dtype(dtype: Any) -> str:
 
 
 def row_bytes(n_elements: int, dtype: Any) -> int:
-    """Bytes of one row of `n_elements` values (block formats: whole blocks only)."""
-    block, nbytes = DTYPES[canonical_dtype(dtype)]
-    if n_elements % block:
-        raise InputError(f"a row of {n_elements} values cannot be stored as {dtype} (blocks of {block})",
-                         "choose a float dtype for this model")
-    return n_elements // block * nbytes
+    """Bytes of one row of `n_elements` values (quantized formats: whole groups only, scales included)."""
+    d = canonical_dtype(dtype)
+    if d in DTYPES:
+        return n_elements * DTYPES[d]
+    fmt = quant_format(d)
+    if n_elements % fmt.group:
+        raise InputError(f"a row of {n_elements} values cannot be stored as {d} (blocks of {fmt.group})",
+                         "choose a float dtype for this model, or a quantization group that divides the row")
+    return fmt.row_bytes(n_elements)
 
 
 def tensor_bytes(shape: Sequence[int], dtype: Any) -> int:
@@ -149,10 +174,11 @@ def attention_bytes(cfg: ModelConfig, dtype: Any) -> int:
 
 def dense_bytes(cfg: ModelConfig, dtype: Any) -> DenseBytes:
     small = small_dtype(dtype)
-    emb = tensor_bytes((cfg.vocab_size, cfg.dim), dtype)
+    emb = tensor_bytes((cfg.vocab_size, cfg.dim), embedding_dtype(dtype))
+    head = tensor_bytes((cfg.vocab_size, cfg.dim), dtype)  # a tied head is the embedding itself
     return DenseBytes(attention_per_layer=attention_bytes(cfg, dtype),
                       norms_per_layer=2 * tensor_bytes((cfg.dim,), small),
-                      embedding=emb, lm_head=0 if cfg.tie_embeddings else emb,
+                      embedding=emb, lm_head=0 if cfg.tie_embeddings else head,
                       final_norm=tensor_bytes((cfg.dim,), small), n_layers=cfg.n_layers)
 
 
@@ -313,7 +339,7 @@ def format_bytes(n: float) -> str:
     return f"{sign}{n:.0f} B"
 
 
-__all__ = ["DTYPES", "COLD_MODES", "canonical_dtype", "is_float", "small_dtype", "default_kv_dtype", "row_bytes",
+__all__ = ["DTYPES", "COLD_MODES", "canonical_dtype", "quant_format", "is_float", "embedding_dtype", "small_dtype", "default_kv_dtype", "row_bytes",
            "tensor_bytes", "NeuronBytes", "neuron_bytes", "DenseBytes", "dense_bytes", "attention_bytes",
            "kv_cache_bytes", "kv_cache_bytes_per_layer", "default_predictor_rank", "predictor_bytes",
            "BufferBytes", "buffer_bytes", "MemoryAccount", "placement_bytes", "parse_bytes", "format_bytes"]

@@ -21,12 +21,13 @@ from hotcold.errors import IncompatibleError, InputError
 from hotcold import bundle as fmt
 from hotcold.exporter import thresholds as th
 from hotcold.exporter.stwriter import StreamingWriter
-from hotcold.memory import canonical_dtype, dense_bytes, placement_bytes, tensor_bytes
+from hotcold.memory import canonical_dtype, dense_bytes, embedding_dtype, placement_bytes, quant_format, small_dtype
 from hotcold.model.config import ModelConfig
 from hotcold.model.weights import WeightSource
+from hotcold.quant import hcat
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-EXPORT_DTYPES = tuple(TORCH_DTYPES)
+EXPORT_DTYPES = tuple(TORCH_DTYPES) + ("q4", "q8", "q4a", "q8a")  # quantized: any hotcold.quant format name
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,12 @@ def bundle_account(cfg: ModelConfig, n_hot: list[int], dtype: str, ctx_len: int,
 def _check_written_bytes(cfg: ModelConfig, n_hot: list[int], dtype: str, records: dict[str, dict], acct) -> None:
     """What was written must be what hotcold.memory says a bundle holds (one accounting, checked twice)."""
     def nbytes(rec: dict, leaves: tuple[str, ...] | None, exclude: tuple[str, ...] = ()) -> int:
+        """Bytes as stored in the file (a quantized matrix: its uint8 rows, scales included)."""
         total = 0
         for name, t in rec["tensors"].items():
             leaf = name.rsplit(".", 1)[-1]
             if (leaves is None or leaf in leaves) and leaf not in exclude:
-                total += tensor_bytes(t["shape"], t["dtype"])
+                total += int(np.prod(t["shape"], dtype=np.int64)) * fmt.ITEMSIZE[t["dtype"]]
         return total
 
     gpu_ffn = nbytes(records[fmt.GPU_FILE], fmt.FFN_GPU)
@@ -134,11 +136,21 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
     src = source
     cfg = src.config
     dtype = canonical_dtype(opts.dtype)
-    if dtype not in TORCH_DTYPES:
-        raise InputError(f"the exporter writes {', '.join(EXPORT_DTYPES)}, not {dtype}", "pass --dtype fp32, bf16 or fp16")
-    tdt = TORCH_DTYPES[dtype]
+    qfmt = quant_format(dtype)
+    if dtype not in TORCH_DTYPES and qfmt is None:
+        raise InputError(f"the exporter writes {', '.join(EXPORT_DTYPES)}, not {dtype}", "pass --dtype fp32, bf16, fp16 or q4")
+    # quantized: matrices are packed rows; the float parts (norms, biases) are float32, the embedding float16
+    tdt = TORCH_DTYPES[dtype] if qfmt is None else TORCH_DTYPES[small_dtype(dtype)]
+    edt = TORCH_DTYPES[embedding_dtype(dtype)]
     rule = th.check_rule(opts.rule)
-    layout = fmt.layout_for(opts.cpu_layout, rule)
+    if qfmt is not None:
+        # the quantized cold kernel (hotcold.runtime.qkernels) reads the bundled layout only
+        if opts.cpu_layout == "split":
+            raise InputError(f"a {dtype} bundle has the bundled CPU layout (the quantized cold kernel's), not split",
+                             "pass --cpu-layout bundled (or auto), or a float --dtype")
+        layout = "bundled"
+    else:
+        layout = fmt.layout_for(opts.cpu_layout, rule)
     if layout not in fmt.CPU_LAYOUTS:
         raise InputError(f"unknown CPU layout {layout!r}", f"use one of: auto, {', '.join(fmt.CPU_LAYOUTS)}")
     _check_same_model("placement", placement, src)
@@ -176,8 +188,22 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
 
     tok = src.tokenizer()
     out = Path(out)
-    gpu_specs = {n: (dtype, s) for n, s in fmt.gpu_tensor_shapes(cfg, n_hot).items()}
-    cpu_specs = {n: (dtype, s) for n, s in fmt.cpu_tensor_shapes(cfg, n_hot, layout).items()}
+    gpu_specs = fmt.stored_tensors(fmt.gpu_tensor_shapes(cfg, n_hot), dtype)
+    cpu_specs = fmt.stored_tensors(fmt.cpu_tensor_shapes(cfg, n_hot, layout), dtype)
+    qsrc = None
+    qrec: dict[str, dict[str, Any]] = {}  # name -> QTensor.meta() + provenance of each part
+    if qfmt is not None:
+        from hotcold.exporter.qexport import QuantSource
+
+        qsrc = QuantSource(src, qfmt)
+
+    def packed(name: str, parts: dict[str, Any]) -> list[torch.Tensor]:
+        """Record a quantized tensor made of row blocks {part: (QTensor, provenance)}; its row blocks."""
+        qts = [q for q, _ in parts.values()]
+        qrec[name] = {"format": qfmt.name, "bits": qfmt.bits, "group": qfmt.group, "asym": qfmt.asym,
+                      "shape": [sum(q.shape[0] for q in qts), qts[0].shape[1]],
+                      "provenance": {k: how for k, (_, how) in parts.items()}}
+        return [q.packed for q in qts]
     idx_specs = {n: ("int32", s) for n, s in fmt.neuron_tensor_shapes(cfg, n_hot).items()}
     meta = {"format": "hotcold bundle", "model_fingerprint": str(src.fingerprint)}
     report: list[dict[str, Any]] = []
@@ -190,10 +216,13 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
                    fmt.NEURONS_FILE: StreamingWriter(tmp / fmt.NEURONS_FILE, idx_specs, meta)}
         try:
             gw, cw, nw = (writers[k] for k in (fmt.GPU_FILE, fmt.CPU_FILE, fmt.NEURONS_FILE))
-            gw.write("tok_embeddings", src.embedding(tdt))
+            gw.write("tok_embeddings", src.embedding(edt))
             gw.write("norm", src.get("norm", tdt))
             if not cfg.tie_embeddings:
-                gw.write("output", src.lm_head(tdt))
+                if qsrc is None:
+                    gw.write("output", src.lm_head(tdt))
+                else:
+                    gw.write("output", packed("output", {"output": qsrc.matrix("output", src.lm_head(torch.float32))}))
             if predictor_opts is not None:
                 (tmp / fmt.PREDICTOR_DIR).mkdir()
             scratch: dict[str, torch.Tensor] = {}
@@ -214,19 +243,44 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
                     return out.to(tdt)
 
                 gw.write(f"layers.{i}.attn_norm", t["attn_norm"].to(tdt))
-                gw.write(f"layers.{i}.wqkv", [t["wq"].to(tdt), t["wk"].to(tdt), t["wv"].to(tdt)])
-                if cfg.qkv_bias:
-                    gw.write(f"layers.{i}.bqkv", [t["bq"].to(tdt), t["bk"].to(tdt), t["bv"].to(tdt)])
-                gw.write(f"layers.{i}.wo", t["wo"].to(tdt))
-                gw.write(f"layers.{i}.ffn_norm", t["ffn_norm"].to(tdt))
-                gw.write(f"layers.{i}.hot_gate_up", [rows(gate, hot, "a"), rows(up, hot, "b")])
-                gw.write(f"layers.{i}.hot_down", rows(down_t, hot, "a"))
-                if layout == "bundled":
-                    cw.write(f"layers.{i}.cold_gate", rows(gate, cold, "a"))
-                    cw.write(f"layers.{i}.cold_up_down", torch.cat([rows(up, cold, "a"), rows(down_t, cold, "b")], dim=1))
+                if qsrc is not None:
+                    p = f"layers.{i}."
+                    q = {k2: qsrc.matrix(p + k2, t[k2]) for k2 in ("wq", "wk", "wv", "wo", "w_gate", "w_up")}
+                    q["w_down"] = qsrc.matrix(p + "w_down", t["w_down"], transpose=True)  # [F, D]: rows by neuron
+                    gw.write(p + "wqkv", packed(p + "wqkv", {k2: q[k2] for k2 in ("wq", "wk", "wv")}))
+                    if cfg.qkv_bias:
+                        gw.write(p + "bqkv", [t["bq"].to(tdt), t["bk"].to(tdt), t["bv"].to(tdt)])
+                    gw.write(p + "wo", packed(p + "wo", {"wo": q["wo"]}))
+                    gw.write(p + "ffn_norm", t["ffn_norm"].to(tdt))
+
+                    def sel(k2: str, idx: torch.Tensor) -> tuple[Any, str]:
+                        return q[k2][0].take_rows(idx), q[k2][1]
+
+                    gw.write(p + "hot_gate_up", packed(p + "hot_gate_up", {"w_gate": sel("w_gate", hot),
+                                                                           "w_up": sel("w_up", hot)}))
+                    gw.write(p + "hot_down", packed(p + "hot_down", {"w_down": sel("w_down", hot)}))
+                    cw.write(p + "cold_gate", packed(p + "cold_gate", {"w_gate": sel("w_gate", cold)}))
+                    (cu, hu), (cd, hd) = sel("w_up", cold), sel("w_down", cold)
+                    ud = hcat(cu, cd)  # row j = [up_j | down_j] in the format's byte order (quant.hcat)
+                    cw.write(p + "cold_up_down", packed(p + "cold_up_down", {"w_up_down": (ud, hu)}))
+                    qrec[p + "cold_up_down"]["provenance"] = {"w_up": hu, "w_down": hd}
+                    del q, ud
                 else:
-                    cw.write(f"layers.{i}.cold_gate_up_t", torch.cat([rows(gate, cold, "a"), rows(up, cold, "b")]).t())
-                    cw.write(f"layers.{i}.cold_down", rows(down_t, cold, "a"))
+                    gw.write(f"layers.{i}.wqkv", [t["wq"].to(tdt), t["wk"].to(tdt), t["wv"].to(tdt)])
+                    if cfg.qkv_bias:
+                        gw.write(f"layers.{i}.bqkv", [t["bq"].to(tdt), t["bk"].to(tdt), t["bv"].to(tdt)])
+                    gw.write(f"layers.{i}.wo", t["wo"].to(tdt))
+                    gw.write(f"layers.{i}.ffn_norm", t["ffn_norm"].to(tdt))
+                    gw.write(f"layers.{i}.hot_gate_up", [rows(gate, hot, "a"), rows(up, hot, "b")])
+                    gw.write(f"layers.{i}.hot_down", rows(down_t, hot, "a"))
+                    if layout == "bundled":
+                        cw.write(f"layers.{i}.cold_gate", rows(gate, cold, "a"))
+                        cw.write(f"layers.{i}.cold_up_down",
+                                 torch.cat([rows(up, cold, "a"), rows(down_t, cold, "b")], dim=1))
+                    else:
+                        cw.write(f"layers.{i}.cold_gate_up_t",
+                                 torch.cat([rows(gate, cold, "a"), rows(up, cold, "b")]).t())
+                        cw.write(f"layers.{i}.cold_down", rows(down_t, cold, "a"))
                 nw.write(f"layers.{i}.hot", hot.to(torch.int32))
                 nw.write(f"layers.{i}.cold", cold.to(torch.int32))
                 if thresholds is not None and t_source is not None and t_source.startswith("profile samples"):
@@ -274,6 +328,13 @@ def export_bundle(source: WeightSource | str, placement: Any, out: str | Path, p
         body = {
             "model": {"fingerprint": src.fingerprint, "source": src.description, "config": cfg.to_json()},
             "dtype": dtype,
+            "quant": None if qfmt is None else {
+                "format": qfmt.name, "bits": qfmt.bits, "group": qfmt.group, "asym": qfmt.asym,
+                "bits_per_weight": qfmt.bits_per_weight,
+                "embedding": embedding_dtype(dtype), "small": small_dtype(dtype),
+                "note": "tok_embeddings is stored in float16 (a row lookup per token), norms and biases in float32; "
+                        "every other matrix is quantized (tensors: QTensor.meta() and where each part came from)",
+                "source": "gguf" if qsrc.gguf else "float weights", "tensors": qrec},
             "cpu_layout": layout,
             "ctx_len": ctx_len,
             "tokenizer": tok_entry,

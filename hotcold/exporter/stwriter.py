@@ -19,7 +19,7 @@ import torch
 from hotcold.bundle import ITEMSIZE, ST_DTYPES
 
 TORCH_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-               torch.int32: "int32", torch.int64: "int64", torch.bool: "bool"}
+               torch.int32: "int32", torch.int64: "int64", torch.bool: "bool", torch.uint8: "uint8"}
 
 
 class StreamingWriter:

@@ -52,35 +52,78 @@ import torch.nn.functional as F
 from hotcold.errors import InputError
 from hotcold.model.config import ModelConfig
 from hotcold.model.dense import KVCache, Rope, attention, gemv_layout, rms_norm
+from hotcold.quant import QTensor, dequantize
 from hotcold.runtime.coldkernel import MODES, RULES, ColdKernel
 from hotcold.runtime.stats import Measurements
 
 PREFILL = ("dense", "sparse")
 
 
+# ---- weights that may be quantized (hotcold.quant.QTensor) -----------------------------------------
+# The plain-torch paths (a CPU "GPU side", the batched forward, the torch cold fallback) dequantize a
+# quantized matrix where they use it (float32; nothing is kept); the decode step on CUDA reads the packed
+# rows in the Triton kernels (hotcold.runtime.qtriton).
+def weight_bytes(w: torch.Tensor | QTensor | None) -> int:
+    """Bytes a weight holds (a QTensor's packed rows, scales included)."""
+    if w is None:
+        return 0
+    return int(w.nbytes) if isinstance(w, QTensor) else w.numel() * w.element_size()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QTensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ b); a QTensor in float32 (x and b converted), a float weight as F.linear does it."""
+    if isinstance(w, QTensor):
+        return F.linear(x.float(), dequantize(w), None if b is None else b.float())
+    return F.linear(x, w, b)
+
+
+def vecmat(a: torch.Tensor, w: torch.Tensor | QTensor) -> torch.Tensor:
+    """a @ w for rows w [k, D] (the down rows); a QTensor in float32."""
+    if isinstance(w, QTensor):
+        return a.float() @ dequantize(w)
+    return a @ w
+
+
 @dataclass
 class GpuLayer:
+    """One layer's GPU side. Float weights, or quantized ones (hotcold.quant.QTensor) for wqkv, wo,
+    hot_gu and hot_down; a quantized hot_gu is [2k, D] with rows 2s, 2s + 1 slot s's gate and up rows
+    (the byte order of qtriton.qgate_up), the float one [k, 2, D]."""
+
     attn_norm: torch.Tensor  # [D]
-    wqkv: torch.Tensor  # [(H + 2 KV) Hd, D]
-    wo: torch.Tensor  # [D, H Hd]
+    wqkv: torch.Tensor | QTensor  # [(H + 2 KV) Hd, D]
+    wo: torch.Tensor | QTensor  # [D, H Hd]
     ffn_norm: torch.Tensor  # [D]
-    hot_gu: torch.Tensor  # [k, 2, D]: gate row, up row of each hot slot
-    hot_down: torch.Tensor  # [k, D]: down column of each hot slot, as a row
+    hot_gu: torch.Tensor | QTensor  # [k, 2, D] (float) or [2k, D] (QTensor): gate row, up row of each hot slot
+    hot_down: torch.Tensor | QTensor  # [k, D]: down column of each hot slot, as a row
     hot_ids: np.ndarray  # [k] int64 neuron id of each hot slot
     bqkv: torch.Tensor | None = None  # [(H + 2 KV) Hd]
 
     @property
     def n_hot(self) -> int:
+        if isinstance(self.hot_gu, QTensor):
+            return self.hot_gu.shape[0] // 2
         return int(self.hot_gu.shape[0])
+
+    def gate_up_rows(self) -> torch.Tensor | QTensor:
+        """[2k, D]: rows 2s, 2s + 1 = slot s's gate and up rows (a view of hot_gu)."""
+        if isinstance(self.hot_gu, QTensor):
+            return self.hot_gu
+        return self.hot_gu.view(2 * self.n_hot, self.hot_gu.shape[-1])
+
+    def tensors(self) -> list[Any]:
+        return [t for t in (self.attn_norm, self.wqkv, self.wo, self.ffn_norm, self.hot_gu, self.hot_down, self.bqkv)
+                if t is not None]
 
 
 @dataclass
 class CpuLayer:
-    """One layer's cold neurons, in the Bundle's `bundled` or `split` layout (hotcold.bundle)."""
+    """One layer's cold neurons, in the Bundle's `bundled` or `split` layout (hotcold.bundle); bundled rows
+    may be quantized (QTensor gate [C, D] and up_down [C, 2D] = quant.hcat(up, down), one format)."""
 
     cold_ids: np.ndarray  # [C] int64
-    gate: torch.Tensor | None = None  # bundled: [C, D]
-    up_down: torch.Tensor | None = None  # bundled: [C, 2D], row j = [up_j | down_j]
+    gate: torch.Tensor | QTensor | None = None  # bundled: [C, D]
+    up_down: torch.Tensor | QTensor | None = None  # bundled: [C, 2D], row j = [up_j | down_j]
     gate_up_t: torch.Tensor | None = None  # split: [D, 2C], column j gate_j, column C + j up_j
     down: torch.Tensor | None = None  # split: [C, D], row j = down_j
 
@@ -92,18 +135,28 @@ class CpuLayer:
     def n_cold(self) -> int:
         return int(self.cold_ids.shape[0])
 
-    def tensors(self) -> list[torch.Tensor]:
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.gate, QTensor)
+
+    def tensors(self) -> list[Any]:
         return [t for t in (self.gate, self.up_down, self.gate_up_t, self.down) if t is not None]
 
     def gate_up_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_gate x, W_up x) of every cold neuron for x [N, D]: [N, C] each, in the weights' dtype."""
+        """(W_gate x, W_up x) of every cold neuron for x [N, D]: [N, C] each, in the weights' dtype
+        (float32 for quantized rows)."""
+        if self.quantized:
+            D = self.gate.shape[1]
+            return linear(x, self.gate), F.linear(x.float(), dequantize(self.up_down)[:, :D])
         if self.gate is not None:
             D = self.gate.shape[1]
             return F.linear(x, self.gate), F.linear(x, self.up_down[:, :D])
         return F.linear(x, self.gate_up_t.t()).chunk(2, dim=-1)
 
     def down_rows(self) -> torch.Tensor:
-        """[C, D]: row j is cold neuron j's down column (a view)."""
+        """[C, D]: row j is cold neuron j's down column (a view; dequantized float32 for quantized rows)."""
+        if self.quantized:
+            return dequantize(self.up_down)[:, self.gate.shape[1]:]
         if self.down is not None:
             return self.down
         return self.up_down[:, self.up_down.shape[1] // 2:]
@@ -157,7 +210,7 @@ class HybridModel:
                  cpu_backend: str = "auto", cpu_threads: int | None = None, cpu_group: int | None = None,
                  cpu_dynamic: bool | None = None, graphs: bool = True, gpu_kernels: str = "auto",
                  stats: bool = False, stat_thresholds: Sequence[float] | None = None,
-                 bundle: Any = None, account: Any = None, measure: bool = True):
+                 bundle: Any = None, account: Any = None, measure: bool = True, kv_dtype: torch.dtype | None = None):
         if cold_mode not in MODES:
             raise InputError(f"unknown mode {cold_mode!r}", f"use one of: {', '.join(MODES)}")
         if rule not in RULES:
@@ -166,13 +219,22 @@ class HybridModel:
             raise InputError(f"unknown prefill {prefill!r}", f"use one of: {', '.join(PREFILL)}")
         if cold_mode == "predictor" and selector is None:
             raise InputError("predictor mode needs a predictor", "export the bundle with --predictors, or use "
-                             "--mode threshold or exact")
+                             "--cold-mode threshold or exact")
         self.cfg = cfg
         self.bundle = bundle  # the Bundle it was loaded from (tokenizer, manifest), or None
         self.account = account  # hotcold.memory account of what it holds, when built from a Bundle
         self.device = embed.device
         self.cuda = self.device.type == "cuda"
-        self.dtype = embed.dtype
+        # quantized weights (hotcold.quant.QTensor): the plain-torch paths compute in float32 over the
+        # dequantized values; the embedding stays a float tensor (float16 in a quantized Bundle)
+        self.quantized = any(isinstance(w, QTensor) for g in gpu_layers for w in (g.wqkv, g.wo, g.hot_gu)) or \
+            any(c.quantized for c in cpu_layers) or isinstance(head, QTensor)
+        if self.quantized and any(c.n_cold and not c.quantized for c in cpu_layers):
+            raise InputError("a quantized model needs quantized cold rows in the bundled layout",
+                             "build every CpuLayer with QTensor gate and up_down (export with --dtype q4)")
+        self.dtype = torch.float32 if self.quantized else embed.dtype  # activations of the plain-torch paths
+        # the KV cache: the embedding's dtype unless asked (hotcold.memory.default_kv_dtype: float16 when quantized)
+        self.kv_dtype = kv_dtype or embed.dtype
         self.embed, self.norm = embed, norm
         self.gl, self.cl = gpu_layers, cpu_layers
         self.L = cfg.n_layers
@@ -184,7 +246,12 @@ class HybridModel:
         self.sparse_hot = sparse_hot
         self.max_len = max_len
         self.selector = selector
-        self.kernel = ColdKernel(cfg.dim, cpu_backend, cpu_threads, cpu_group, cpu_dynamic, activation=cfg.activation)
+        if self.quantized:
+            from hotcold.runtime.qkernels import QColdKernel
+
+            self.kernel = QColdKernel(cfg.dim, cpu_backend, cpu_threads, cpu_group, cpu_dynamic, activation=cfg.activation)
+        else:
+            self.kernel = ColdKernel(cfg.dim, cpu_backend, cpu_threads, cpu_group, cpu_dynamic, activation=cfg.activation)
         self.graphs_wanted = graphs and self.cuda
         self.stats_on = stats
         self.events_external = False
@@ -193,13 +260,15 @@ class HybridModel:
         if self.ops is None and not self.cuda:
             # plain torch on a CPU: matrix-vector products stream [in, out] storage faster (dense.gemv_layout)
             for g in gpu_layers:
-                g.wqkv, g.wo = gemv_layout(g.wqkv), gemv_layout(g.wo)
-            head = gemv_layout(head) if head is not embed else gemv_layout(embed)
+                if not isinstance(g.wqkv, QTensor):
+                    g.wqkv, g.wo = gemv_layout(g.wqkv), gemv_layout(g.wo)
+            if not isinstance(head, QTensor):
+                head = gemv_layout(head) if head is not embed else gemv_layout(embed)
         self.head = head
         dev, D = self.device, cfg.dim
         if cold_mode != "exact" and thresholds is None and selector is None:
             raise InputError(f"--mode {cold_mode} needs activation thresholds",
-                             "re-export with --profile and --sparsity (or --threshold), pass --threshold, or use --mode exact")
+                             "re-export with --profile and --sparsity (or --threshold), pass --threshold, or use --cold-mode exact")
         self.thr = np.array(thresholds if thresholds is not None else [0.0] * self.L, dtype=np.float64)
         self.stat_thr = np.array(stat_thresholds if stat_thresholds is not None else self.thr, dtype=np.float64)
         self.measure = Measurements(self.L, self.device, enabled=measure)
@@ -216,7 +285,7 @@ class HybridModel:
         self.rope = Rope(cfg, max_len, dev)
         self.cos, self.sin = self.rope.cos, self.rope.sin
         # the decode KV cache: a batch-1 dense KVCache, so a batched prefill fills what decoding reads
-        self.cache = KVCache(cfg, 1, max_len, self.dtype, dev)
+        self.cache = KVCache(cfg, 1, max_len, self.kv_dtype, dev)
         self.kc = [k[0] for k in self.cache.k]  # [KV, max_len, Hd] each
         self.vc = [v[0] for v in self.cache.v]
         cmax = max([c.n_cold for c in cpu_layers] + [1])
@@ -302,6 +371,10 @@ class HybridModel:
                 raise InputError("the Triton GPU kernels were asked for but triton cannot run here",
                                  "install triton (CUDA), set TRITON_INTERPRET=1 on a CPU, or use --gpu-kernels torch")
             return None
+        if self.quantized:
+            from hotcold.runtime.qtriton import QGpuOps
+
+            return QGpuOps(self.device)
         return triton_ops.GpuOps(self.device)
 
     @property
@@ -372,31 +445,39 @@ class HybridModel:
             self.y_dev.copy_(self.y_host, non_blocking=True)
         self.h.add_(self.y_dev)
 
+    def _gemv(self, w: torch.Tensor | QTensor, out: torch.Tensor, **kw: Any) -> None:
+        """The fused GEMV over a float or a quantized matrix (triton_ops.gemv / qtriton.qgemv)."""
+        if isinstance(w, QTensor):
+            self.ops.qgemv(w, out, **kw)
+        else:
+            self.ops.gemv(w, out, **kw)
+
     def _attention_fused(self, l: int) -> None:
         g, ops, cfg = self.gl[l], self.ops, self.cfg
-        ops.gemv(g.wqkv, self.qkv_buf, h=self.h, nw=g.attn_norm, eps=cfg.norm_eps)
+        self._gemv(g.wqkv, self.qkv_buf, h=self.h, nw=g.attn_norm, eps=cfg.norm_eps)
         if g.bqkv is not None:
             self.qkv_buf.add_(g.bqkv.float())
         ops.attention(self.qkv_buf, self.kc[l], self.vc[l], self.cos, self.sin, self.pos, self.o_buf, cfg.n_heads)
-        ops.gemv(g.wo, self.h, x=self.o_buf, acc=True)
+        self._gemv(g.wo, self.h, x=self.o_buf, acc=True)
 
     def _attention(self, l: int) -> None:
         cfg, g = self.cfg, self.gl[l]
         H, KV, Hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         xn = rms_norm(self.h, g.attn_norm.float(), cfg.norm_eps).to(self.dtype)
-        qkv = F.linear(xn, g.wqkv, g.bqkv)
+        qkv = linear(xn, g.wqkv, g.bqkv)
         q, k, v = qkv.split([H * Hd, KV * Hd, KV * Hd])
         cos = self.cos.index_select(0, self.pos).to(self.dtype)  # [1, Hd]
         sin = self.sin.index_select(0, self.pos).to(self.dtype)
         q, k = self._rope(q.view(H, Hd), cos, sin), self._rope(k.view(KV, Hd), cos, sin)
-        self.kc[l].index_copy_(1, self.pos, k.view(KV, 1, Hd))
-        self.vc[l].index_copy_(1, self.pos, v.view(KV, 1, Hd))
+        kd = self.kc[l].dtype  # float16 under float32 activations (quantized weights): rounded as stored
+        self.kc[l].index_copy_(1, self.pos, k.view(KV, 1, Hd).to(kd))
+        self.vc[l].index_copy_(1, self.pos, v.view(KV, 1, Hd).to(kd))
         G = H // KV
         s = torch.matmul(q.view(KV, G, Hd).float(), self.kc[l].float().transpose(1, 2)) if self.dtype == torch.float32 \
             else torch.matmul(q.view(KV, G, Hd), self.kc[l].transpose(1, 2)).float()
         p = torch.softmax(s * (Hd ** -0.5) + self.mask_add, dim=-1).to(self.dtype)
-        o = torch.matmul(p, self.vc[l]).reshape(H * Hd)  # [KV, G, Hd] -> [H Hd]
-        self.h.add_(F.linear(o, g.wo).float())
+        o = torch.matmul(p, self.vc[l].to(self.dtype)).reshape(H * Hd)  # [KV, G, Hd] -> [H Hd]
+        self.h.add_(linear(o, g.wo).float())
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -408,12 +489,11 @@ class HybridModel:
             if self.ops is not None:
                 return self._hot_fused(l)
             g = self.gl[l]
-            k, D = g.n_hot, self.cfg.dim
-            gu = F.linear(self.x.to(self.dtype), g.hot_gu.view(2 * k, D)).view(k, 2).float()
+            gu = linear(self.x.to(self.dtype), g.gate_up_rows()).view(g.n_hot, 2).float()
             s = self.act(gu[:, 0])
             a = s * gu[:, 1]
             self._hot_activity(l, s, a)
-            self.h.add_(torch.matmul(a.to(self.dtype), g.hot_down).float())
+            self.h.add_(vecmat(a.to(self.dtype), g.hot_down).float())
         return hot
 
     def _hot_activity(self, l: int, s: torch.Tensor, a: torch.Tensor) -> None:
@@ -437,6 +517,11 @@ class HybridModel:
         k = g.n_hot
         a, s = self.a_buf[:k], self.s_buf[:k]
         src = dict(x=self.x) if self.split(l) else dict(h=self.h, nw=g.ffn_norm, eps=self.cfg.norm_eps)
+        if isinstance(g.hot_gu, QTensor):
+            ops.qgate_up(g.hot_gu, a, s_out=s, **src)
+            self._hot_activity(l, s, a)
+            ops.qvecmat_add(a, g.hot_down, self.h)
+            return
         ops.gate_up(g.hot_gu, a, s_out=s, **src)
         self._hot_activity(l, s, a)
         ops.vecmat_add(a, g.hot_down, self.h)
@@ -445,10 +530,10 @@ class HybridModel:
         if self.split(self.L - 1):
             self._receive()
         if self.ops is not None:
-            self.ops.gemv(self.head, self.logits, h=self.h, nw=self.norm, eps=self.cfg.norm_eps)
+            self._gemv(self.head, self.logits, h=self.h, nw=self.norm, eps=self.cfg.norm_eps)
         else:
             xn = rms_norm(self.h, self.norm.float(), self.cfg.norm_eps).to(self.dtype)
-            self.logits.copy_(F.linear(xn, self.head).float())
+            self.logits.copy_(linear(xn, self.head).float())
         self.tok.copy_(self.logits.argmax().view(1))
         self.pos.add_(1)
 
@@ -519,7 +604,8 @@ class HybridModel:
             self._tag_expected = int(self.send_tag.item())
 
     def _exact_activity(self, l: int, x: torch.Tensor) -> None:
-        g, u = self.cl[l].gate_up_rows(x.view(1, -1).to(self.cl[l].tensors()[0].dtype))
+        c = self.cl[l]
+        g, u = c.gate_up_rows(x.view(1, -1) if c.quantized else x.view(1, -1).to(c.tensors()[0].dtype))
         s = self.act(g[0].float())
         v = s if self.rule == "gate" else s * u[0].float()
         self.active[l].copy_((v.abs() > float(self.stat_thr[l])).to(torch.uint8))
@@ -559,7 +645,8 @@ class HybridModel:
         self._kernel_warm = True
         bundled = [c for c in self.cl if c.n_cold and c.gate is not None]
         if bundled and self.kernel.backend == "numba":
-            self.kernel.warm_up(bundled[0].gate.dtype)
+            g = bundled[0].gate
+            self.kernel.warm_up(g.fmt if isinstance(g, QTensor) else g.dtype)
 
     def _capture(self) -> None:
         saved_pos, saved_host = self.pos.clone(), self.host_pos
@@ -678,7 +765,7 @@ class HybridModel:
         if n > self.max_len:
             raise InputError(f"a {n}-token context is longer than this model's {self.max_len}",
                              "shorten the prompt or --max-new-tokens, or raise --max-len")
-        return KVCache(self.cfg, batch, n, self.dtype, self.device)
+        return KVCache(self.cfg, batch, n, self.kv_dtype, self.device)
 
     def _ffn_batch(self, l: int, x: torch.Tensor, sparse: bool) -> torch.Tensor:
         """FFN of layer l for x [N, D] (normed): hot neurons densely, cold ones exactly or per token by
@@ -689,8 +776,8 @@ class HybridModel:
         y = None
         thr = float(self.thr[l])
         if g.n_hot:
-            k, D = g.n_hot, self.cfg.dim
-            gu = F.linear(x, g.hot_gu.view(2 * k, D)).view(-1, k, 2)
+            k = g.n_hot
+            gu = linear(x, g.gate_up_rows()).view(-1, k, 2)
             s = self.act(gu[..., 0])
             a = s * gu[..., 1]
             on = (s if self.rule == "gate" else a).abs() > thr
@@ -698,7 +785,7 @@ class HybridModel:
                 a = a * on
             if measure:
                 st.gpu_active(l, on.sum())
-            y = a @ g.hot_down
+            y = vecmat(a, g.hot_down)
         m1 = st.gpu_mark() if measure else 0.0
         if c.n_cold:
             t0 = time.perf_counter()
@@ -750,14 +837,35 @@ class HybridModel:
         h = F.embedding(tokens.to(self.device), self.embed).float()  # [B, T, D]
         for l, g in enumerate(self.gl):
             xa = rms_norm(h, g.attn_norm.float(), cfg.norm_eps).to(self.dtype)
-            h = h + attention(cfg, g, xa, start, self.rope, cache.k[l], cache.v[l]).float()
+            if self.quantized or cache.k[l].dtype != self.dtype:
+                h = h + self._attention_batch(l, xa, start, cache).float()
+            else:
+                h = h + attention(cfg, g, xa, start, self.rope, cache.k[l], cache.v[l]).float()
             x = rms_norm(h, g.ffn_norm.float(), cfg.norm_eps).to(self.dtype).view(B * T, cfg.dim)
             h = h + self._ffn_batch(l, x, sparse).float().view(B, T, cfg.dim)
         if last_only:
             h = h[:, -1:]
-        logits = F.linear(rms_norm(h, self.norm.float(), cfg.norm_eps).to(self.dtype), self.head).float()
+        logits = linear(rms_norm(h, self.norm.float(), cfg.norm_eps).to(self.dtype), self.head).float()
         st.end(t0)
         return logits
+
+    def _attention_batch(self, l: int, x: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        """dense.attention for quantized weights or a KV cache in another dtype than the activations:
+        x [B, T, D] (normed) -> [B, T, D]; K/V are stored at start.. in the cache's dtype and read back as
+        stored (what the decode step reads)."""
+        cfg, g = self.cfg, self.gl[l]
+        B, T, _ = x.shape
+        H, KV, Hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, k, v = linear(x, g.wqkv, g.bqkv).split([H * Hd, KV * Hd, KV * Hd], dim=-1)
+        q = self.rope.apply(q.view(B, T, H, Hd).transpose(1, 2), start)  # [B, H, T, Hd]
+        k = self.rope.apply(k.view(B, T, KV, Hd).transpose(1, 2), start)
+        S = start + T
+        cache.k[l][:B, :, start:S] = k
+        cache.v[l][:B, :, start:S] = v.view(B, T, KV, Hd).transpose(1, 2)
+        keys, vals = cache.k[l][:B, :, :S].to(q.dtype), cache.v[l][:B, :, :S].to(q.dtype)
+        mask = torch.arange(S, device=x.device)[None, :] <= (start + torch.arange(T, device=x.device))[:, None]
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=H != KV)
+        return linear(o.transpose(1, 2).reshape(B, T, H * Hd), g.wo)
 
     __call__ = forward
 
@@ -830,7 +938,7 @@ class HybridModel:
     def hold_density(self, target: float, gain: float = 0.05) -> None:
         """Adjust t_l after every token so each layer's active fraction tracks `target` (threshold mode)."""
         if self.cold_mode != "threshold":
-            raise InputError("holding a target density needs threshold mode", "use --mode threshold")
+            raise InputError("holding a target density needs threshold mode", "use --cold-mode threshold")
         self.target_density = float(target)
         self.thr_gain = gain
 
@@ -850,9 +958,9 @@ class HybridModel:
     def gpu_bytes_per_token(self) -> int:
         """Weight and KV bytes the GPU side reads per token (attention, hot rows, head; KV at max_len)."""
         es = self.embed.element_size()
-        b = self.head.numel() * es + self.cfg.dim * es
+        b = weight_bytes(self.head) + self.cfg.dim * es
         for g in self.gl:
-            b += (g.wqkv.numel() + g.wo.numel() + g.hot_gu.numel() + g.hot_down.numel()) * es
+            b += sum(weight_bytes(w) for w in (g.wqkv, g.wo, g.hot_gu, g.hot_down))
             b += 2 * self.kc[0].numel() * self.kc[0].element_size()
         if self.selector is not None and hasattr(self.selector, "bytes_per_token"):
             b += self.selector.bytes_per_token()
@@ -860,16 +968,20 @@ class HybridModel:
 
     def memory(self) -> dict[str, int]:
         """Bytes held: GPU-side weights and KV cache, predictors, CPU-side cold weights."""
-        es = self.embed.element_size()
-        head = 0 if self.head.data_ptr() == self.embed.data_ptr() else self.head.numel()
-        gpu = (self.embed.numel() + head + self.norm.numel()) * es
-        gpu += sum((g.wqkv.numel() + g.wo.numel() + g.hot_gu.numel() + g.hot_down.numel()
-                    + g.attn_norm.numel() + g.ffn_norm.numel() + (0 if g.bqkv is None else g.bqkv.numel())) * es
-                   for g in self.gl)
+        tied = not isinstance(self.head, QTensor) and self.head.data_ptr() == self.embed.data_ptr()
+        gpu = weight_bytes(self.embed) + (0 if tied else weight_bytes(self.head)) + weight_bytes(self.norm)
+        gpu += sum(weight_bytes(t) for g in self.gl for t in g.tensors())
         kv = sum(t.numel() * t.element_size() for t in self.cache.k + self.cache.v)
         pred = int(self.selector.gpu_bytes()) if self.selector is not None and hasattr(self.selector, "gpu_bytes") else 0
-        cpu = sum(t.numel() * t.element_size() for c in self.cl for t in c.tensors())
+        cpu = sum(weight_bytes(t) for c in self.cl for t in c.tensors())
         return {"gpu_weights_and_kv": int(gpu + kv), "gpu_kv": int(kv), "gpu_predictors": pred, "cpu_cold": int(cpu)}
+
+    def weight_format(self) -> str:
+        """The quantized format of the weights (e.g. q4_g32), or the float dtype."""
+        for g in self.gl:
+            if isinstance(g.wqkv, QTensor):
+                return g.wqkv.fmt.name
+        return str(self.embed.dtype).replace("torch.", "")
 
     def hot_counts(self) -> list[np.ndarray]:
         return [c.cpu().numpy() for c in self.hot_count]
@@ -916,6 +1028,7 @@ class HybridModel:
                 "rule": self.rule if self.cold_mode != "exact" else None, "prefill": pre, "decode": decode,
                 "prefill_mode": self.prefill_mode, "device": self.facts(),
                 "dtype": str(self.dtype).replace("torch.", ""), "kernel": self.kernel.backend,
+                "weights": self.weight_format(), "kv_dtype": str(self.kv_dtype).replace("torch.", ""),
                 "n_hot": n_hot, "n_ff": self.cfg.n_ff,
                 "memory": {**self.measure.memory(gpu_b, mem["cpu_cold"], shared=not self.cuda),
                            "held": mem, "account": None if self.account is None else self.account.to_json()}}

@@ -6,7 +6,9 @@ The same kernel as hotcold.runtime.coldkernel's fp16/fp32 one, on INT4/INT8 rows
 and for x [D] float32, with s = silu(gate_j · x), the layer's CPU partial sum is
     y = Σ_active s · (up_j · x) · down_j                      [D] float32
     exact       every slot is active
-    threshold   active iff |s| > t (gate rows of every slot are read; up/down rows only for active ones)
+    threshold   rule `gate`: active iff |s| > t (gate rows of every slot are read; up/down rows only for active
+                ones); rule `product`: active iff |s·(up_j · x)| > t (gate and up rows of every slot are read,
+                the down column only for active ones)
     predictor   the slots whose `mask` byte is set; no other row is read
 
 Same shape as the fp16 kernel, so it slots into the same caller: `group` G ∈ {1, 2, 4} neurons streamed
@@ -39,7 +41,7 @@ from hotcold.runtime.coldkernel import MODES, ColdResult, default_dynamic, fetch
 from hotcold.errors import InputError
 from hotcold.quant import QFormat, QTensor, dequantize
 
-_MODE_ID = {"exact": 0, "threshold": 1, "predictor": 2}
+_MODE_ID = {"exact": 0, "threshold": 1, "predictor": 2, "product": 3}
 QGROUPS = (1, 2, 4)
 CHUNK = 64  # slots per grab of the dynamic schedule, as in the fp16 kernel
 
@@ -291,10 +293,13 @@ def _numba_qkernel(bits: int, asym: bool, group: int) -> Any:
         return 1
 
     @njit(fastmath=FM, nogil=True)
-    def run_slots(x, xs, gt, g16, ud, u16, acc, js, n, thr_mode, thr, pj, ps, qn, sv, active, counts, K, G, L):
-        """Slots js[:n]: gate dots G at a time; in threshold mode only those with |s| > thr get their up/down
-        rows read. Those are queued in pj/ps (qn[0] of them, carried between calls) and read G at a time;
+    def run_slots(x, xs, gt, g16, ud, u16, acc, js, n, tm, thr, pj, ps, qn, sv, active, counts, K, G, L):
+        """Slots js[:n]: gate dots G at a time. tm 0: every slot; 1 (gate rule): only those with |s| > thr get
+        their up/down rows read; 2 (product rule): the up row of every slot is read, a = s·(up · x), and
+        the down row only where |a| > thr (one slot at a time: the decision needs its up dot first).
+        Gate-rule slots are queued in pj/ps (qn[0] of them, carried between calls) and read G at a time;
         the caller flushes what is left at the end. Marks `active`; returns the number active."""
+        ng, gsb, gob, ddb, usb, uob, dsb, dob = L
         cnt = 0
         q = qn[0]
         ii = 0
@@ -303,7 +308,18 @@ def _numba_qkernel(bits: int, asym: bool, group: int) -> Any:
             for r in range(w):
                 j = js[ii + r]
                 s = sv[r]
-                if thr_mode and not abs(s) > thr:
+                if tm == 2:
+                    a = s * qdot1(ud, u16, j, x, xs, ng, 0, usb, uob)
+                    if not abs(a) > thr:
+                        active[j] = 0
+                        continue
+                    active[j] = 1
+                    if K:
+                        counts[j] += 1.0
+                    cnt += 1
+                    qacc1(ud, u16, j, a, acc, ng, ddb, dsb, dob)
+                    continue
+                if tm == 1 and not abs(s) > thr:
                     active[j] = 0
                     continue
                 active[j] = 1
@@ -322,12 +338,14 @@ def _numba_qkernel(bits: int, asym: bool, group: int) -> Any:
 
     @njit(parallel=True, fastmath=FM, nogil=True, cache=False)
     def qcold_ffn(x, gt, g16, ud, u16, mask, thr, mode, G, DYN, parts, y, active, ctr, counts, xs):
-        """mode 0 exact, 1 threshold, 2 predictor (mask[j] != 0 selects slot j); G neurons side by side
+        """mode 0 exact, 1 threshold (gate rule), 2 predictor (mask[j] != 0 selects slot j), 3 threshold with the
+        product rule; G neurons side by side
         (1, 2, 4); DYN: dynamic schedule in threshold and predictor mode. Returns #active.
         gt/ud: the packed rows (int8 for symmetric INT8, else uint8), g16/u16 the same bytes as uint16
         (for the scales). parts: float32 [T, D + 1] per-thread accumulators (+ count). ctr: int64 [1].
         counts: float32 [C] += 1 per active slot, or [0]. xs: float32 [D / group] scratch."""
         K = counts.shape[0] > 0
+        TM = 1 if mode == 1 else (2 if mode == 3 else 0)  # run_slots' threshold kind
         C = gt.shape[0]
         D = x.shape[0]
         T = parts.shape[0]
@@ -363,16 +381,16 @@ def _numba_qkernel(bits: int, asym: bool, group: int) -> Any:
                     if s0 >= C:
                         break
                     for j in range(s0, min(C, s0 + CHUNK)):
-                        if mode == 1 or mask[j] != 0:
+                        if TM != 0 or mask[j] != 0:
                             js[n] = j
                             n += 1
                     m = n - n % G
-                    cnt += run_slots(x, xs, gt, g16, ud, u16, acc, js, m, mode == 1, thr, pj, ps, qn, sv, active,
+                    cnt += run_slots(x, xs, gt, g16, ud, u16, acc, js, m, TM, thr, pj, ps, qn, sv, active,
                                      counts, K, G, L)
                     for i in range(n - m):
                         js[i] = js[m + i]
                     n -= m
-                cnt += run_slots(x, xs, gt, g16, ud, u16, acc, js, n, mode == 1, thr, pj, ps, qn, sv, active,
+                cnt += run_slots(x, xs, gt, g16, ud, u16, acc, js, n, TM, thr, pj, ps, qn, sv, active,
                                  counts, K, G, L)
             elif mode == 2:
                 # static predictor schedule: an equal share of the active slots, in slot order
@@ -401,7 +419,7 @@ def _numba_qkernel(bits: int, asym: bool, group: int) -> Any:
                 for j in range(t, C, T):
                     js[n] = j
                     n += 1
-                cnt += run_slots(x, xs, gt, g16, ud, u16, acc, js, n, mode == 1, thr, pj, ps, qn, sv, active,
+                cnt += run_slots(x, xs, gt, g16, ud, u16, acc, js, n, TM, thr, pj, ps, qn, sv, active,
                                  counts, K, G, L)
             flush(x, xs, ud, u16, acc, pj, ps, qn[0], G, L)
             parts[t, D] = cnt  # the count rides in the spare last column
@@ -445,12 +463,20 @@ def check_layout(gate: QTensor, up_down: QTensor, dim: int) -> None:
 class QColdKernel:
     """The quantized cold FFN of one process: picks the backend once, reuses its buffers across calls.
 
-    Call with x [D] float32 (contiguous, CPU), gate QTensor [C, D], up_down QTensor [C, 2D] (same format).
+    Call with x [D] float32 (contiguous, CPU), gate QTensor [C, D], up_down QTensor [C, 2D] (same format),
+    or `run(layer, x, mode, rule=...)` with a hotcold.runtime.model.CpuLayer holding them (as ColdKernel).
+    The numba kernel computes SiLU gates; a ReLU model runs the torch path.
     """
 
     def __init__(self, dim: int, backend: str = "auto", threads: int | None = None, group: int | None = None,
-                 dynamic: bool | None = None):
+                 dynamic: bool | None = None, activation: str = "silu"):
         self.backend = resolve_backend(backend)
+        if activation != "silu" and self.backend == "numba":
+            if backend == "numba":
+                raise InputError("the quantized numba cold kernel computes SiLU gates only", "use --cpu-kernel torch")
+            self.backend = "torch"
+        self.activation = activation
+        self._act = torch.nn.functional.silu if activation == "silu" else torch.nn.functional.relu
         self.group = default_qgroup() if group is None else int(group)
         if self.group not in QGROUPS:
             raise InputError(f"quantized cold kernel group {self.group} is not supported", f"use one of {QGROUPS}")
@@ -468,6 +494,20 @@ class QColdKernel:
             numba.set_num_threads(min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
             self._parts = np.zeros((numba.get_num_threads(), dim + 1), dtype=np.float32)
 
+    @property
+    def name(self) -> str:
+        return self.backend
+
+    def run(self, layer: Any, x: torch.Tensor, mode: str, *, rule: str = "gate", mask: torch.Tensor | None = None,
+            thr: float = 0.0, active: torch.Tensor | None = None, out: torch.Tensor | None = None,
+            counts: np.ndarray | None = None) -> ColdResult:
+        """One layer's cold partial sum for a CpuLayer whose gate / up_down are QTensors (bundled layout)."""
+        if not isinstance(layer.gate, QTensor) or not isinstance(layer.up_down, QTensor):
+            raise InputError("the quantized cold kernel reads quantized rows in the bundled layout",
+                             "export the Bundle with --dtype q4 or q8 (its CPU layout is bundled)")
+        return self(x, layer.gate, layer.up_down, mode, mask=mask, thr=thr, active=active, out=out, counts=counts,
+                    rule=rule)
+
     def warm_up(self, fmt: QFormat) -> None:
         """Compile (numba) for `fmt` on a tiny problem, so timing never includes the JIT."""
         from hotcold.quant import quantize
@@ -482,15 +522,18 @@ class QColdKernel:
 
     def __call__(self, x: torch.Tensor, gate: QTensor, up_down: QTensor, mode: str, *,
                  mask: torch.Tensor | None = None, thr: float = 0.0, active: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None, counts: np.ndarray | None = None) -> ColdResult:
+                 out: torch.Tensor | None = None, counts: np.ndarray | None = None, rule: str = "gate") -> ColdResult:
         """mask: uint8 [C], nonzero = compute this slot (predictor mode); active: uint8 [C] flags out
         (in predictor mode the mask itself: pass the same tensor or none); out: float32 [D] for y;
-        counts: float32 [C], += 1 where a slot was active."""
+        counts: float32 [C], += 1 where a slot was active; rule: threshold mode's `gate` or `product`."""
         C, D = gate.shape
         check_layout(gate, up_down, self.dim)
         y = self.y if out is None else out
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}")
+        if rule not in ("gate", "product"):
+            raise ValueError(f"rule {rule!r}")
+        kmode = "product" if mode == "threshold" and rule == "product" else mode
         if mode == "predictor" and mask is None:
             raise ValueError("predictor mode needs a mask")
         if active is None:
@@ -508,29 +551,38 @@ class QColdKernel:
             gt, g16 = _views(gate)
             ud, u16 = _views(up_down)
             m = mask if mask is not None else active
-            n = fn(x.numpy(), gt, g16, ud, u16, m.numpy(), np.float32(thr), _MODE_ID[mode], self.group,
+            n = fn(x.numpy(), gt, g16, ud, u16, m.numpy(), np.float32(thr), _MODE_ID[kmode], self.group,
                    self.dynamic, self._parts, y.numpy(),
                    active.numpy(), self._ctr, self._no_counts if counts is None else counts, self._xs[:ng])
         else:
-            n = self._torch(x, gate, up_down, mode, mask, thr, active, y)
+            n = self._torch(x, gate, up_down, kmode, mask, thr, active, y)
             if counts is not None:
                 counts += active.numpy()
         dt = time.perf_counter() - t0
-        return ColdResult(y=y, n_active=int(n), seconds=dt, bytes_read=bytes_read(gate, up_down, mode, int(n)))
+        return ColdResult(y=y, n_active=int(n), seconds=dt, bytes_read=bytes_read(gate, up_down, kmode, int(n)))
 
     def _torch(self, x, gate, up_down, mode, mask, thr, active, y) -> int:
         D = gate.shape[1]
+        act = self._act
         if mode == "predictor":
             idx = mask.nonzero().flatten()
             g = dequantize(gate.take_rows(idx)) @ x
+        elif mode == "product":
+            ud = dequantize(up_down)
+            a = act(dequantize(gate) @ x) * (ud[:, :D] @ x)
+            idx = (a.abs() > thr).nonzero().flatten()
+            y.copy_(a.index_select(0, idx) @ ud.index_select(0, idx)[:, D:])
+            active.zero_()
+            active[idx] = 1
+            return int(idx.numel())
         else:
             g = dequantize(gate) @ x
             idx = None
             if mode == "threshold":
-                idx = (torch.nn.functional.silu(g).abs() > thr).nonzero().flatten()
+                idx = (act(g).abs() > thr).nonzero().flatten()
                 g = g.index_select(0, idx)
         rows = dequantize(up_down if idx is None else up_down.take_rows(idx))
-        a = torch.nn.functional.silu(g) * (rows[:, :D] @ x)
+        a = act(g) * (rows[:, :D] @ x)
         y.copy_(a @ rows[:, D:])
         if idx is None:
             active.fill_(1)
@@ -542,12 +594,16 @@ class QColdKernel:
 
 
 def bytes_read(gate: QTensor, up_down: QTensor, mode: str, n_active: int) -> int:
-    """Bytes a call touched: every gate row in exact and threshold mode, whole rows of the active slots."""
+    """Bytes a call touched: every gate row in exact and threshold mode, whole rows of the active slots;
+    the product rule ("product") reads every up row too and the down column of the active slots."""
     C = gate.shape[0]
     if mode == "exact":
         return C * (gate.row_bytes + up_down.row_bytes)
     if mode == "threshold":
         return C * gate.row_bytes + n_active * up_down.row_bytes
+    if mode == "product":
+        half = up_down.row_bytes // 2  # up's bytes, down's bytes: the same row length D
+        return C * (gate.row_bytes + half) + n_active * half
     return n_active * (gate.row_bytes + up_down.row_bytes)
 
 
