@@ -103,10 +103,10 @@ def main() -> None:
     base = dict(mode="teacher-forced", batch_size=args.batch_size, dtype=args.dtype, per_sequence=True)
     # the train profile also keeps --samples (x, mask) pairs: the quality grid calibrates the gate rule on them
     train = profile_cached(src, load_dataset("mbpp", "train", limit=args.train_limit),
-                           ProfileOptions(activation=ActivationSpec("magnitude", sparsity=args.sparsity),
+                           ProfileOptions(activation=ActivationSpec("product", sparsity=args.sparsity),
                                           samples=args.samples, **base),
                            work / f"train{args.train_limit}", f"MBPP train[:{args.train_limit}]")
-    spec = ActivationSpec("magnitude", thresholds=tuple(train.manifest["activation"]["thresholds"]))
+    spec = ActivationSpec("product", thresholds=tuple(train.manifest["activation"]["thresholds"]))
     evals = {"mbpp-test": profile_cached(src, load_dataset("mbpp", "test", limit=args.eval_limit),
                                          ProfileOptions(activation=spec, **base), work / f"test{args.eval_limit}",
                                          f"MBPP test[:{args.eval_limit}]")}

@@ -240,7 +240,7 @@ def test_bench_cli_toy(tmp_path):
     register(app)
     out = tmp_path / "r.json"
     r = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--layers", "2", "--gpu-budget", "85%", "--device", "cpu",
-                                 "--tokens", "2", "--warm", "1", "--dyn-tokens", "4", "--max-len", "32",
+                                 "--tokens", "2", "--warm", "1", "--dyn-tokens", "4", "--ctx-len", "32",
                                  "--runs", "dense-gpu,hotcold-fixed,hotcold-dynamic", "--out", str(out),
                                  "--cpu-group", "2", "--cpu-schedule", "static"])
     assert r.exit_code == 0, r.output

@@ -42,7 +42,7 @@ def pair(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("hotsets")
     base = dict(mode="teacher-forced", batch_size=4)
     train = run_profile(tiny, load_dataset("embedded", "train", limit=12), ProfileOptions(**base), out=d / "train").profile
-    spec = ActivationSpec("magnitude", thresholds=tuple(train.manifest["activation"]["thresholds"]))
+    spec = ActivationSpec("product", thresholds=tuple(train.manifest["activation"]["thresholds"]))
     run_profile(tiny, load_dataset("embedded", "test", limit=10),
                 ProfileOptions(activation=spec, per_sequence=True, per_sequence_block=8, **base), out=d / "eval")
     return Profile.load(d / "train"), Profile.load(d / "eval", with_sequences=True)
@@ -52,7 +52,7 @@ def pair(tiny, tmp_path_factory):
 
 def test_hand_model_per_sequence_counts_are_exact():
     # gate rule on the hand model: layer 0 fires neuron t on token t only, layer 1 every neuron but t
-    p = run_profile(hand_source(), SEQS, ProfileOptions(mode="teacher-forced", activation=ActivationSpec("gate"),
+    p = run_profile(hand_source(), SEQS, ProfileOptions(mode="teacher-forced", activation=ActivationSpec("sign"),
                                                          batch_size=2, per_sequence=True, per_sequence_block=2)).profile
     sq = p.sequences
     onehot = lambda toks: np.bincount(np.asarray(toks), minlength=4)  # noqa: E731
@@ -69,7 +69,7 @@ def test_hand_model_per_sequence_counts_are_exact():
 
 @pytest.mark.parametrize("kw", [{"mode": "teacher-forced"}, {"mode": "teacher-forced", "stream": True},
                                 {"mode": "generate", "max_new_tokens": 9}])
-@pytest.mark.parametrize("kind", ["magnitude", "gate"])
+@pytest.mark.parametrize("kind", ["product", "sign"])
 def test_per_sequence_records_add_up_and_leave_the_counts_alone(tiny, kw, kind):
     ds = load_dataset("embedded", limit=5)
     opts = ProfileOptions(activation=ActivationSpec(kind), batch_size=2, **kw)

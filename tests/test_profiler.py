@@ -67,9 +67,9 @@ PRE, DEC = [0, 1, 1, 3], [2, 3, 0, 0, 2]
 
 
 @pytest.mark.parametrize("kind,threshold,layer0,layer1", [
-    ("gate", None, "own", "others"),
-    ("magnitude", 0.5, "own", "others"),  # 0.731 > 0.5 > 0.269
-    ("magnitude", 0.25, "all", "all"),  # 0.269 > 0.25
+    ("sign", None, "own", "others"),
+    ("product", 0.5, "own", "others"),  # 0.731 > 0.5 > 0.269
+    ("product", 0.25, "all", "all"),  # 0.269 > 0.25
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_hand_model_teacher_forced_exact(kind, threshold, layer0, layer1, stream):
@@ -99,7 +99,7 @@ def test_hand_model_relu_definition():
 
 def test_hand_model_generate_exact():
     src = hand_source()
-    opts = ProfileOptions(mode="generate", activation=ActivationSpec("gate"), max_new_tokens=5, keep_tokens=True)
+    opts = ProfileOptions(mode="generate", activation=ActivationSpec("sign"), max_new_tokens=5, keep_tokens=True)
     res = run_profile(src, [PromptTokens("p", (0,))], opts)
     assert res.generated == {"p": [1, 2, 3, 0, 1]}
     p = res.profile
@@ -178,7 +178,7 @@ def test_samples_do_not_depend_on_prompt_order(tiny, tasks):
     from hotcold.profiler.sequences import encode_tasks, tokenizer_for
 
     seqs = encode_tasks(tasks.tasks, tokenizer_for(tiny), "generate")
-    opts = ProfileOptions(max_new_tokens=5, activation=ActivationSpec("gate"), samples=20)
+    opts = ProfileOptions(max_new_tokens=5, activation=ActivationSpec("sign"), samples=20)
     a = run_profile(tiny, seqs, opts).profile
     b = run_profile(tiny, seqs[::-1], opts).profile
     assert a.samples["x"].shape == (20, 4, 64) and a.samples["mask"].shape == (20, 4, 256)
@@ -356,6 +356,8 @@ def run_cli(tmp_path, *args):
     (["-d", "embedded", "--threshold", "0.1", "--sparsity", "0.5"], 2, "both --threshold and --sparsity"),
     (["-d", "embedded", "-a", "relu"], 2, "--activation relu counts a_i != 0"),
     (["-d", "embedded", "--mode", "sideways"], 2, "unknown mode 'sideways'"),
+    (["-d", "embedded", "-a", "magnitude"], 2, "called product now"),
+    (["-d", "embedded", "-a", "gate"], 2, "export --rule gate"),
 ])
 def test_run_bad_input(tmp_path, args, code, message):
     r = run_cli(tmp_path, *args)
@@ -394,3 +396,11 @@ def test_hist_index_matches_edges():
     mids = np.sqrt(edges[:-1] * edges[1:])  # one value inside each log-spaced bin
     idx = hist_index(torch.tensor(np.r_[0.0, 1e-7, mids, 2e4], dtype=torch.float32)).numpy()
     np.testing.assert_array_equal(idx, np.r_[0, 0, np.arange(1, len(edges)), len(edges)])
+
+
+def test_old_activation_names_in_a_manifest_read_as_todays():
+    from hotcold.profiler.activation import kind_of
+
+    assert [kind_of({"kind": k}) for k in ("magnitude", "gate", "product", "sign", "relu")] == \
+        ["product", "sign", "product", "sign", "relu"]
+    assert kind_of(None) is None

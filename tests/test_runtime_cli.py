@@ -43,9 +43,9 @@ def test_export_then_run(dirs):
     assert 0.0 < d["gpu_share"] < 1.0 and res["memory"]["cpu"]["peak_rss_bytes"] > 0
 
     exact = _json(runner.invoke(app, ["run", str(dirs / "bundle"), "--token-ids", "1,30,40,50", "-n", "8",
-                                      "--mode", "exact", "--json"]))
+                                      "--cold-mode", "exact", "--json"]))
     dense = _json(runner.invoke(app, ["run", str(dirs / "bundle"), "--token-ids", "1,30,40,50", "-n", "8",
-                                      "--mode", "threshold", "--threshold", "0", "--json"]))
+                                      "--cold-mode", "threshold", "--threshold", "0", "--json"]))
     assert exact["new_ids"] == dense["new_ids"]
 
     plain = runner.invoke(app, ["run", str(dirs / "bundle"), "--token-ids", "1,30", "-n", "3"])
@@ -61,9 +61,9 @@ def test_run_errors(dirs):
         (["run", str(dirs / "exact-only"), "--prompt", "hi"], "has no tokenizer"),
         (["run", str(dirs / "exact-only"), "--token-ids", "1,x"], "comma-separated"),
         (["run", str(dirs / "exact-only"), "--token-ids", "1,99999"], "outside the vocabulary"),
-        (["run", str(dirs / "exact-only"), "--token-ids", "1", "--mode", "threshold"], "no activation thresholds"),
-        (["run", str(dirs / "exact-only"), "--token-ids", "1", "--mode", "fast"], "unknown mode"),
-        (["run", str(dirs / "exact-only"), "--token-ids", "1", "--mode", "exact", "--gpu-budget", "1KiB"],
+        (["run", str(dirs / "exact-only"), "--token-ids", "1", "--cold-mode", "threshold"], "no activation thresholds"),
+        (["run", str(dirs / "exact-only"), "--token-ids", "1", "--cold-mode", "fast"], "unknown --cold-mode"),
+        (["run", str(dirs / "exact-only"), "--token-ids", "1", "--cold-mode", "exact", "--gpu-budget", "1KiB"],
          "smaller than bundle"),
         (["export", "-m", "random:tiny:seed=5", "--placement", str(dirs / "placement"), "-o", str(dirs / "x")],
          "fingerprint"),

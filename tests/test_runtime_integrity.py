@@ -120,7 +120,7 @@ def test_unknown_version_and_not_a_bundle(bundle, tmp_path):
 
 def test_cli_refuses_altered_bundle(bundle, tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(app, ["run", str(bundle), "--token-ids", "1,2,3", "-n", "3", "--mode", "exact", "--json"])
+    ok = runner.invoke(app, ["run", str(bundle), "--token-ids", "1,2,3", "-n", "3", "--cold-mode", "exact", "--json"])
     assert ok.exit_code == 0, ok.output
     b = _copy(bundle, tmp_path)
     data = bytearray((b / fmt.GPU_FILE).read_bytes())

@@ -399,7 +399,7 @@ def test_cli_bad_input(tmp_path, bundle):
         (["serve", str(bundle), "--max-queue", "0"], "--max-queue"),
         (["serve", str(bundle), "--port", "70000"], "--port"),
         (["serve", str(bundle), "--log-level", "loud"], "not a log level"),
-        (["serve", str(bundle), "--mode", "fast"], "unknown mode"),
+        (["serve", str(bundle), "--cold-mode", "fast"], "unknown mode"),
         (["serve", str(bundle), "--host", "no-such-host.invalid"], "does not resolve"),
     ]
     with socket.socket() as held:
@@ -445,7 +445,7 @@ def test_bundle_without_a_tokenizer_serves_token_ids(tmp_path):
     src = load_source("random:tiny")
     export_bundle(src, make_placement(src, [0, 64, 200, 256], seed=1), tmp_path / "b",
                   options=ExportOptions(sparsity=None))
-    r = runner.invoke(cli_app, ["run", str(tmp_path / "b"), "--token-ids", "1,30,40,50", "-n", "6", "--mode", "exact",
+    r = runner.invoke(cli_app, ["run", str(tmp_path / "b"), "--token-ids", "1,30,40,50", "-n", "6", "--cold-mode", "exact",
                                 "--json"])
     ref = json.loads(r.stdout[r.stdout.index("{"):])
     with _serve(load(str(tmp_path / "b"), mode="exact")) as url:

@@ -40,7 +40,7 @@ def test_openai_client_equals_hotcold_run_on_smollm2(bundle, mbpp_path):
     with background(create_app(load(str(bundle), mode="exact", max_len=2048), "smollm2")) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         for prompt in prompts:
-            r = runner.invoke(cli_app, ["run", str(bundle), "-p", prompt, "-n", str(N), "--mode", "exact", "--json"])
+            r = runner.invoke(cli_app, ["run", str(bundle), "-p", prompt, "-n", str(N), "--cold-mode", "exact", "--json"])
             assert r.exit_code == 0, r.output
             ref = json.loads(r.stdout[r.stdout.index("{"):])
             msgs = [{"role": "user", "content": prompt}]
@@ -50,7 +50,7 @@ def test_openai_client_equals_hotcold_run_on_smollm2(bundle, mbpp_path):
             streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
                 model="smollm2", messages=msgs, max_tokens=N, temperature=0, stream=True) if ch.choices)
             assert streamed == ref["text"]
-        r = runner.invoke(cli_app, ["run", str(bundle), "-p", "def is_even(n):", "-n", "12", "--mode", "exact",
+        r = runner.invoke(cli_app, ["run", str(bundle), "-p", "def is_even(n):", "-n", "12", "--cold-mode", "exact",
                                     "--no-chat-template", "--json"])
         ref = json.loads(r.stdout[r.stdout.index("{"):])
         got = c.completions.create(model="smollm2", prompt="def is_even(n):", max_tokens=12, temperature=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import sys
 from html.parser import HTMLParser
 
 import pytest
@@ -40,7 +41,7 @@ def test_help(cmd):
 
 def test_solve_writes_placement_and_prints_json(tmp_path, profile_dir):
     out = tmp_path / "place"
-    r = run("solve", "-p", profile_dir, "--preset", "h200", "--gpu-budget", "400MiB", "--ctx-len", "2048",
+    r = run("solve", "--profile", profile_dir, "--preset", "h200", "--gpu-budget", "400MiB", "--ctx-len", "2048",
             "-o", out, "--json")
     assert r.exit_code == 0, r.output
     obj = json.loads(r.stdout)
@@ -54,7 +55,7 @@ def test_solve_writes_placement_and_prints_json(tmp_path, profile_dir):
 
 def test_solve_compare_and_report_files(tmp_path, profile_dir):
     out = tmp_path / "places"
-    r = run("solve", "-p", profile_dir, "--preset", "h200", "--gpu-budget", "350MiB", "--cold-mode", "predictor",
+    r = run("solve", "--profile", profile_dir, "--preset", "h200", "--gpu-budget", "350MiB", "--cold-mode", "predictor",
             "--compare", "-o", out, "--json")
     assert r.exit_code == 0, r.output
     obj = json.loads(r.stdout)
@@ -103,7 +104,7 @@ def test_solve_compare_and_report_files(tmp_path, profile_dir):
 
 
 def test_solve_fixed_tau_and_text_output(tmp_path, profile_dir):
-    r = run("solve", "-p", profile_dir, "--preset", "h200", "--policy", "fixed", "--tau", "0.05")
+    r = run("solve", "--profile", profile_dir, "--preset", "h200", "--policy", "fixed", "--tau", "0.05")
     assert r.exit_code == 0, r.output
     assert "fixed" in r.stdout and "given" in r.stdout
     assert "nothing written" in r.stderr
@@ -118,28 +119,39 @@ def test_solve_fixed_tau_and_text_output(tmp_path, profile_dir):
     (["--cold-mode", "psychic"], 2, "cold-neuron mode"),
 ])
 def test_solve_errors_are_one_line(profile_dir, args, code, text):
-    r = run("solve", "-p", profile_dir, "--preset", "h200", *args)
+    r = run("solve", "--profile", profile_dir, "--preset", "h200", *args)
     assert r.exit_code == code, r.output
     assert text in r.stderr and "Traceback" not in r.output
     assert len(r.stderr.strip().splitlines()) <= 3  # the progress line, the error (maybe wrapped)
 
 
 def test_solve_bad_inputs(tmp_path, profile_dir):
-    r = run("solve", "-p", tmp_path / "nope", "--preset", "h200")
+    r = run("solve", "--profile", tmp_path / "nope", "--preset", "h200")
     assert r.exit_code == 2 and "does not exist" in r.stderr
-    r = run("solve", "-p", profile_dir)
+    r = run("solve", "--profile", profile_dir)
     assert r.exit_code == 2 and "no hardware given" in r.stderr
-    r = run("solve", "-p", profile_dir, "--preset", "pc-giant")
+    r = run("solve", "--profile", profile_dir, "--preset", "pc-giant")
     assert r.exit_code == 2 and "unknown hardware preset" in r.stderr
     r = run("report", tmp_path / "nope")
     assert r.exit_code == 2 and "does not exist" in r.stderr
 
 
-def test_calibrate_cli(tmp_path):
+def test_calibrate_cli_preset(tmp_path):
     r = run("calibrate", "--preset", "pc-low", "--out", tmp_path / "pc.json", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["name"] == "pc-low"
+
+
+def test_calibrate_without_torch_says_so(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ModuleNotFoundError
+    r = run("calibrate", "--out", tmp_path / "hw.json", "--seconds", "2")
+    assert r.exit_code == 2 and "measures with torch" in r.stderr and "--preset" in r.stderr
+    assert not (tmp_path / "hw.json").exists()
+
+
+def test_calibrate_cli(tmp_path):
+    pytest.importorskip("torch", reason="hotcold calibrate measures with torch, which is not installed")
     r = run("calibrate", "--out", tmp_path / "hw.json", "--seconds", "2")
     assert r.exit_code == 0, r.output
     assert "GB/s" in r.stdout
-    r = run("solve", "-p", "/nonexistent", "--hardware", tmp_path / "hw.json")
+    r = run("solve", "--profile", "/nonexistent", "--hardware", tmp_path / "hw.json")
     assert r.exit_code == 2

@@ -126,7 +126,7 @@ def test_highs_banner_stays_off_stdout(tmp_path):
     prof = tmp_path / "prof"
     synthetic_profile(S["smollm2-135m"], seed=2, tokens=4096).save(prof)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    r = subprocess.run([sys.executable, "-m", "hotcold", "solve", "-p", str(prof), "--preset", "h200",
+    r = subprocess.run([sys.executable, "-m", "hotcold", "solve", "--profile", str(prof), "--preset", "h200",
                         "--gpu-budget", "250MiB", "--ctx-len", "2048", "--solver", "highs", "--json"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -34,15 +34,15 @@ echo "compile rc=$? seconds=$(( $(date +%s) - t0 ))" | tee -a "$OUT/steps.log"
 du -sb "$B" >> "$OUT/steps.log"
 for r in 1 2; do
   log "run round $r"
-  hc run "$B" --token-ids 1,15,27,99 -n "$NEW" --max-len 512 --device "$DEV" --json > "$OUT/run$r.json" 2> "$OUT/run$r.err"
+  hc run "$B" --token-ids 1,15,27,99 -n "$NEW" --ctx-len 512 --device "$DEV" --json > "$OUT/run$r.json" 2> "$OUT/run$r.err"
   echo "run$r rc=$?" | tee -a "$OUT/steps.log"
 done
 log "bench --bundle"
-hc bench --bundle "$B" --mode threshold --tokens 64 --warm 8 --max-len 512 --device "$DEV" --json \
+hc bench --bundle "$B" --cold-mode threshold --tokens 64 --warm 8 --ctx-len 512 --device "$DEV" --json \
   -o "$OUT/bench_bundle.json" > /dev/null 2> "$OUT/bench_bundle.err"
 echo "bench rc=$?" | tee -a "$OUT/steps.log"
 log "run --gpu-budget $SMALL (must refuse)"
-hc run "$B" --token-ids 1,15 -n 4 --max-len 512 --device "$DEV" --gpu-budget "$SMALL" > "$OUT/refuse.txt" 2>&1
+hc run "$B" --token-ids 1,15 -n 4 --ctx-len 512 --device "$DEV" --gpu-budget "$SMALL" > "$OUT/refuse.txt" 2>&1
 echo "refuse rc=$?" | tee -a "$OUT/steps.log"
 
 if [ "$DEV" = cuda ] && [ "${TESTS:-1}" = 1 ]; then

@@ -24,7 +24,7 @@ Examples:
 
 With --bundle DIR it times an exported Bundle instead (the model `hotcold run` builds from it, the same timing loop), and reports the GPU bytes it holds against the placement's memory account:
 
-  hotcold bench --bundle out/bundle --mode threshold --tokens 64 --json
+  hotcold bench --bundle out/bundle --cold-mode threshold --tokens 64 --json
 """
 
 
@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
 @command
 def bench_cmd(
     shape: Annotated[str, typer.Option("--shape", help="Named model shape (llama2-70b, tiny, ...).")] = "llama2-70b",
-    layers: Annotated[int, typer.Option("--layers", "-n", help="Layers actually built and run.")] = 10,
+    layers: Annotated[int, typer.Option("--layers", help="Layers actually built and run.")] = 10,
     gpu_budget: Annotated[str, typer.Option("--gpu-budget", help="GPU budget at the model's full depth (48GB), or a share of the full model (35%); scaled to --layers.")] = "48GB",
     cold_density: Annotated[Optional[float], typer.Option("--cold-density", help="Rescale frequencies so cold neurons fire this often under the fixed placement (0 = keep as profiled).")] = 0.10,
     profile: Annotated[Optional[Path], typer.Option("--profile", help="Profile the placements are made from (workload 'matched').")] = None,
@@ -48,14 +48,14 @@ def bench_cmd(
     runs: Annotated[str, typer.Option("--runs", help="Comma list of runs: dense-gpu, layer-split, stream, hotcold-fixed, hotcold-adaptive, hotcold-dynamic, threshold.")] = "dense-gpu,layer-split,stream,hotcold-fixed,hotcold-adaptive,hotcold-dynamic,threshold",
     device: Annotated[str, typer.Option("--device", help="cuda, cpu or auto.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype: float16, bfloat16 or float32.")] = "float16",
-    max_len: Annotated[int, typer.Option("--max-len", help="KV cache length (context the cost model assumes).")] = 512,
+    ctx_len: Annotated[int, typer.Option("--ctx-len", help="Context the KV cache is sized for (and the cost model assumes).")] = 512,
     cpu_kernel: Annotated[str, typer.Option("--cpu-kernel", help="auto, numba or torch.")] = "auto",
     cpu_threads: Annotated[Optional[int], typer.Option("--cpu-threads", help="Threads of the CPU kernel (default: all).")] = None,
     cpu_group: Annotated[Optional[int], typer.Option("--cpu-group", help="Cold neurons a numba thread streams side by side: 1, 2, 4 or 8 (default 4, or HOTCOLD_COLD_GROUP).")] = None,
     cpu_schedule: Annotated[Optional[str], typer.Option("--cpu-schedule", help="How numba threads share the cold rows: dynamic (chunks from a shared counter) or static (a fixed share each; bit-reproducible). Default dynamic, or HOTCOLD_COLD_DYNAMIC=0.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Weights and workload mapping seed.")] = 0,
     bundle: Annotated[Optional[Path], typer.Option("--bundle", help="Time this exported Bundle (as `hotcold run` builds it) instead of random weights; --shape, --layers, --gpu-budget, --profile and --runs do not apply.")] = None,
-    mode: Annotated[str, typer.Option("--mode", help="With --bundle: exact, threshold or predictor (as `hotcold run --mode`).")] = "threshold",
+    cold_mode: Annotated[str, typer.Option("--cold-mode", help="With --bundle: exact, threshold or predictor (as `hotcold run --cold-mode`).")] = "threshold",
     out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -66,7 +66,7 @@ def bench_cmd(
     from hotcold.model.config import shape as get_shape
 
     if bundle is not None:
-        _bench_bundle(bundle, mode, tokens, warm, device, max_len, hardware, cpu_kernel, cpu_threads, out_file, json_out)
+        _bench_bundle(bundle, cold_mode, tokens, warm, device, ctx_len, hardware, cpu_kernel, cpu_threads, out_file, json_out)
         return
     full = get_shape(shape)
     if layers < 1 or layers > full.n_layers:
@@ -95,7 +95,7 @@ def bench_cmd(
     names = tuple(r.strip() for r in runs.split(",") if r.strip())
     opts = BenchOptions(shape=shape, n_layers=layers, gpu_budget_full=budget,
                         cold_density=cold_density if cold_density else None, tokens=tokens, warm=warm,
-                        dyn_tokens=dyn_tokens, max_len=max_len, dtype=dtype, device=device, profiles=profiles,
+                        dyn_tokens=dyn_tokens, max_len=ctx_len, dtype=dtype, device=device, profiles=profiles,
                         placements=pl, hardware=hardware, runs=names, cpu_backend=cpu_kernel,
                         cpu_threads=cpu_threads, cpu_group=cpu_group,
                         cpu_dynamic=None if cpu_schedule is None else cpu_schedule == "dynamic",
@@ -121,7 +121,7 @@ def _bench_bundle(bundle: Path, mode: str, tokens: int, warm: int, device: str, 
     from hotcold.runtime.cli import MODES
 
     if mode not in MODES:
-        raise InputError(f"unknown mode {mode!r}", f"use one of: {', '.join(MODES)}")
+        raise InputError(f"unknown --cold-mode {mode!r}", f"use one of: {', '.join(MODES)}")
     res = bench_bundle(bundle, mode=mode, tokens=tokens, warm=warm, device=device, max_len=max_len,
                        hardware=hardware, log=lambda s: err.print(s, markup=False), cpu_backend=cpu_kernel,
                        cpu_threads=cpu_threads)

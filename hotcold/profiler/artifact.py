@@ -8,8 +8,9 @@ Directory layout (format version 1):
                          generation {max_new_tokens | batch_size, stream}, samples {n, seed},
                          run {world_size, device, dtype, elapsed_s, ...}, synthetic {...}, merged_from
                          mode: generate | teacher-forced | synthetic | imported | mixed (merged)
-                         activation.kind: magnitude (|a| > t_l, thresholds per layer), gate (W_gate x > 0),
-                         relu (a != 0), powerinfer (imported counts; definition PowerInfer's)
+                         activation.kind: product (|a| > t_l, thresholds per layer), sign (W_gate x > 0),
+                         relu (a != 0), powerinfer (imported counts; definition PowerInfer's); written
+                         in profiles written before the renaming (2026-12): magnitude (= product), gate (= sign)
                          token_count may be {"prefill": null, "unknown": true} (PowerInfer import)
     counts.safetensors   active_count_prefill [n_layers, n_ff] int64
                          active_count_decode  [n_layers, n_ff] int64

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from hotcold.clikit import DeviceOpt, JsonOpt, ModelOpt, OutDirOpt, SeedOpt, command, err, escape, out, print_json, progress
+from hotcold.profiler.activation import kind_of
 
 RUN_HELP = """Profile which FFN neurons fire on a workload and write a Profile directory.
 
@@ -22,7 +23,7 @@ Examples:
 
   hotcold profile run -m smollm2-135m --dataset embedded --mode teacher-forced --stream -o prof-tf/
 
-  hotcold profile run -m model.gguf --activation magnitude --threshold 0.02 --samples 2048 -o prof/
+  hotcold profile run -m model.gguf --activation product --threshold 0.02 --samples 2048 -o prof/
 
   torchrun --nproc-per-node 2 -m hotcold profile run -m smollm2-135m --dataset mbpp -o prof/
 
@@ -109,10 +110,10 @@ def run_cmd(
     offset: Annotated[int, typer.Option("--offset", help="Skip the first K prompts of the split.")] = 0,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on a malformed dataset line instead of skipping it.")] = False,
     mode: Annotated[str, typer.Option("--mode", help="generate (prompt + greedy decoding) or teacher-forced (prompt + reference code).")] = "generate",
-    activation: Annotated[Optional[str], typer.Option("--activation", "-a", help="magnitude (|a| > t_l), gate (W_gate x > 0) or relu (a != 0). Default: relu for ReLU models, else magnitude.")] = None,
-    sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="magnitude: calibrate t_l per layer so this fraction of |a| falls below it (default 0.5).")] = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="magnitude: one absolute t for every layer.")] = None,
-    thresholds_from: Annotated[Optional[Path], typer.Option("--thresholds-from", help="magnitude: take t_l from this profile of the same model (its thresholds, or with --sparsity derived from its histograms), so separate runs merge.")] = None,
+    activation: Annotated[Optional[str], typer.Option("--activation", "-a", help="product (|act(gate)·up| > t_l), sign (W_gate x > 0) or relu (a != 0). Default: relu for ReLU models, else product.")] = None,
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="product: calibrate t_l per layer so this fraction of |a| falls below it (default 0.5).")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="product: one absolute t for every layer.")] = None,
+    thresholds_from: Annotated[Optional[Path], typer.Option("--thresholds-from", help="product: take t_l from this profile of the same model (its thresholds, or with --sparsity derived from its histograms), so separate runs merge.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="generate: tokens to decode per prompt.")] = 64,
     stream: Annotated[bool, typer.Option("--stream", help="teacher-forced: layer by layer, one layer's weights resident (models larger than memory).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="teacher-forced: sequences per forward.")] = 8,
@@ -140,7 +141,7 @@ def run_cmd(
         err.print(f"[yellow]skipped {ds.stats.skipped} malformed line(s) in {escape(str(ds.stats.path))} "
                   f"(first: {escape(ds.stats.errors[0])}); --strict fails instead[/]")
     src = load_source(model)
-    kind = activation or ("relu" if src.config.activation == "relu" else "magnitude")
+    kind = activation or ("relu" if src.config.activation == "relu" else "product")
     thresholds = None
     if thresholds_from is not None:
         thresholds = _thresholds_from(thresholds_from, src.fingerprint, sparsity)
@@ -206,8 +207,8 @@ def _thresholds_from(path: Path, fingerprint: str, sparsity: float | None) -> tu
     if sparsity is not None:
         return tuple(ref.magnitude_thresholds(sparsity))
     t = ref.manifest["activation"].get("thresholds")
-    if ref.manifest["activation"].get("kind") != "magnitude" or not t:
-        raise InputError(f"--thresholds-from {path}: that profile has no magnitude thresholds",
+    if kind_of(ref.manifest["activation"]) != "product" or not t:
+        raise InputError(f"--thresholds-from {path}: that profile has no product-rule thresholds",
                          "add --sparsity S to derive them from its histograms")
     return tuple(float(v) for v in t)
 
@@ -326,7 +327,7 @@ def show_cmd(
         where += f" split {ds['split']}"
     act = m["activation"]
     ts = act.get("thresholds")
-    act_s = act["kind"] + (f", t_l {min(ts):.3g}..{max(ts):.3g}" if ts else "") + \
+    act_s = kind_of(act) + (f", t_l {min(ts):.3g}..{max(ts):.3g}" if ts else "") + \
         (f", target sparsity {act['target_sparsity']:.0%}" if act.get("target_sparsity") is not None else "")
     tc = p.token_count
     out.print(f"[bold]{escape(str(profile))}[/]  model {escape(str(s['model']['source']))} "
@@ -427,8 +428,8 @@ def hotsets_cmd(
                                         "pass --model with the model the profile was made from")
             act = prof.manifest["activation"]
             ts = act.get("thresholds")
-            spec = ActivationSpec(kind=act["kind"], thresholds=tuple(ts)) if act["kind"] == "magnitude" and ts \
-                else ActivationSpec(kind=act["kind"])
+            spec = ActivationSpec(kind=kind_of(act), thresholds=tuple(ts)) if kind_of(act) == "product" and ts \
+                else ActivationSpec(kind=kind_of(act))
             task = bar.add_task("profiling --eval", total=None, info="")
             popts = ProfileOptions(mode=eval_mode, activation=spec, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, dtype=dtype, per_sequence=True, resume=True)

@@ -150,13 +150,13 @@ class Rule:
 
     @property
     def needs_x(self) -> bool:
-        return self.kind == "gate"
+        return self.kind == "sign"
 
     def active(self, layer: int, x2d: torch.Tensor | None, a2d: torch.Tensor,
                abs_a: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind == "magnitude":
+        if self.kind == "product":
             return (a2d.abs() if abs_a is None else abs_a) > self.thresholds[layer]
-        if self.kind == "gate":
+        if self.kind == "sign":
             return F.linear(x2d, self.gate_weight(layer)) > 0
         return a2d != 0  # relu
 

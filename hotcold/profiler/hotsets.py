@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from hotcold.errors import IncompatibleError, InputError
+from hotcold.profiler.activation import kind_of
 from hotcold.profiler.artifact import Profile
 from hotcold.profiler.persequence import decode_counts
 
@@ -247,7 +248,7 @@ def _check_pair(profile: Profile, ev: Profile) -> None:
         raise IncompatibleError(f"the evaluation profile {ev.path or '?'} is of another model "
                                 f"({ev.manifest['model'].get('source')}) than {profile.path or 'the profile'} "
                                 f"({profile.manifest['model'].get('source')})", "profile the same model")
-    if profile.manifest["activation"].get("kind") != ev.manifest["activation"].get("kind"):
+    if kind_of(profile.manifest["activation"]) != kind_of(ev.manifest["activation"]):
         raise IncompatibleError(f"the evaluation profile counts {ev.manifest['activation'].get('kind')} "
                                 f"activations, the profile {profile.manifest['activation'].get('kind')}",
                                 "profile both with the same --activation (and --thresholds-from the profile)")

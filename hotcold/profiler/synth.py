@@ -153,7 +153,7 @@ def profile_from_counts(cfg: ModelConfig, prefill: np.ndarray, decode: np.ndarra
         "model": source.manifest_entry(),
         "dataset": {"name": "synthetic", "kind": "synthetic", "n_prompts": 0},
         "mode": "synthetic",
-        "activation": manifest_entry("magnitude", [MAG_THRESHOLD] * L, None),
+        "activation": manifest_entry("product", [MAG_THRESHOLD] * L, None),
         "calibration": None,
         "token_count": {"prefill": int(prefill_tokens), "decode": int(decode_tokens)},
         "histogram": dict(HISTOGRAM),

@@ -31,7 +31,7 @@ def run_cmd(
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: draw from the most likely tokens whose probability reaches this (with --temperature > 0).")] = 1.0,
     seed: SeedOpt = 0,
     no_chat_template: Annotated[bool, typer.Option("--no-chat-template", help="Feed the prompt as raw text.")] = False,
-    mode: Annotated[str, typer.Option("--mode", help="How cold neurons are found: exact (all of them), "
+    cold_mode: Annotated[str, typer.Option("--cold-mode", help="How cold neurons are found: exact (all of them), "
                                                      "threshold (the bundle's rule |a| > t_l, a = act(gate)·up or "
                                                      "act(gate)), predictor (ONNX predictor, then the rule).")] = "threshold",
     device: Annotated[str, typer.Option("--device", help="Where the GPU side runs: auto (cuda when present), cuda or cpu.")] = "auto",
@@ -39,14 +39,14 @@ def run_cmd(
                                                                  "cache) exceeds this, e.g. 24GiB.")] = "",
     prefill: Annotated[str, typer.Option("--prefill", help="dense (prompt computed exactly) or sparse (same rule as decoding).")] = "dense",
     threshold: Annotated[float | None, typer.Option("--threshold", min=0.0, help="Override the bundle's t_l with one value for every layer.")] = None,
-    max_len: Annotated[int | None, typer.Option("--max-len", min=1, help="Context to size the KV cache for (default: prompt + new tokens).")] = None,
+    ctx_len: Annotated[int | None, typer.Option("--ctx-len", min=1, help="Context (prompt + new tokens) the KV cache is sized for (default: prompt + new tokens).")] = None,
     verify: Annotated[str, typer.Option("--verify", help="full (sha256 of every file), size, or none.")] = "full",
     model: Annotated[str, typer.Option("--model", "-m", help="Fail unless the bundle was exported from this model (id, .gguf or HF dir).")] = "",
     token_ids: Annotated[str, typer.Option("--token-ids", help="Prompt as token ids (bundles of models without a tokenizer).")] = "",
     predictor_backend: Annotated[str, typer.Option("--predictor-backend", help="torch or onnxruntime.")] = "torch",
-    mmap: Annotated[bool, typer.Option("--mmap", help="Keep the CPU worker's weights memory-mapped. By default "
-                                                      "they are copied into memory at load when they fit in half of "
-                                                      "the available memory (faster to stream).")] = False,
+    resident: Annotated[bool | None, typer.Option("--resident/--mmap", help="Copy the CPU worker's weights into memory "
+                                                      "at load (faster to stream) or keep them memory-mapped. Default: "
+                                                      "copied when they fit in half of the available memory.")] = None,
     cpu_kernel: Annotated[str, typer.Option("--cpu-kernel", help="The cold kernel: auto (numba when installed), numba or torch.")] = "auto",
     gpu_kernels: Annotated[str, typer.Option("--gpu-kernels", help="The GPU side's ops: auto (Triton on CUDA), triton or torch.")] = "auto",
     graphs: Annotated[bool, typer.Option("--graphs/--no-graphs", help="Capture the decode step as CUDA graphs (CUDA only).")] = True,
@@ -58,13 +58,13 @@ def run_cmd(
 
       hotcold run out/bundle --prompt "Write a python function to reverse a string."
 
-      hotcold run out/bundle -p "..." --mode exact --json     (per-layer times, GPU share, memory)
+      hotcold run out/bundle -p "..." --cold-mode exact --json     (per-layer times, GPU share, memory)
     """
     from hotcold.errors import InputError
     from hotcold.runtime.run import run_prompt
 
-    if mode not in MODES:
-        raise InputError(f"unknown mode {mode!r}", f"use one of: {', '.join(MODES)}")
+    if cold_mode not in MODES:
+        raise InputError(f"unknown --cold-mode {cold_mode!r}", f"use one of: {', '.join(MODES)}")
     expect = None
     if model:
         from hotcold.model.registry import load_source
@@ -92,9 +92,9 @@ def run_cmd(
     b = Bundle.load(bundle, verify=verify, expect_fingerprint=expect)
     tok_holder["tok"] = b.tokenizer
     ids = prompt_token_ids(b, prompt, not no_chat_template, _ids(token_ids))
-    m = from_bundle(b, mode=mode, device=device, gpu_budget=gpu_budget or None, prefill=prefill, thresholds=threshold,
-                    max_len=max_len or len(ids) + max_new_tokens, predictor_backend=predictor_backend,
-                    resident=False if mmap else None, cpu_backend=cpu_kernel, gpu_kernels=gpu_kernels, graphs=graphs)
+    m = from_bundle(b, mode=cold_mode, device=device, gpu_budget=gpu_budget or None, prefill=prefill, thresholds=threshold,
+                    max_len=ctx_len or len(ids) + max_new_tokens, predictor_backend=predictor_backend,
+                    resident=resident, cpu_backend=cpu_kernel, gpu_kernels=gpu_kernels, graphs=graphs)
     res = run_prompt(str(bundle), prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                      seed=seed, chat=not no_chat_template, token_ids=_ids(token_ids), on_token=on_token, model=m)
     if json_out:
@@ -106,7 +106,7 @@ def run_cmd(
     share = d["gpu_share"] if d["gpu_share"] is not None else res["prefill"]["gpu_share"]
     dev = res["device"]
     err.print(f"[dim]{res['prompt_tokens']} prompt tokens, {res['new_tokens']} new ({res['stop_reason']}); prefill "
-              f"{res['prefill_tokens_per_s']:.1f} tok/s, decode {res['decode_tokens_per_s']:.1f} tok/s; mode {mode}; "
+              f"{res['prefill_tokens_per_s']:.1f} tok/s, decode {res['decode_tokens_per_s']:.1f} tok/s; cold mode {cold_mode}; "
               f"GPU side {dev['gpu_side']} ({dev['gpu_kernels']} ops, graphs {'on' if dev['cuda_graphs'] else 'off'}), "
               f"CPU worker {dev['cpu_kernel']} kernel {d['cpu_ms_per_token']:.2f} ms/token; GPU share of activated "
               f"neurons {'n/a' if share is None else f'{share:.1%}'}[/]")

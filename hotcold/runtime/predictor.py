@@ -46,7 +46,7 @@ class BundlePredictors:
         entry = bundle.predictors
         if not entry:
             raise InputError(f"bundle {bundle.path} has no predictors", "re-export with --predictors, or use "
-                             "--mode threshold or exact")
+                             "--cold-mode threshold or exact")
         self.backend = backend
         self.device = device
         cfg = bundle.config

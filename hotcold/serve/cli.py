@@ -49,12 +49,12 @@ def serve_cmd(
                                                                       "one more is answered 429 at once.")] = 16,
     model_name: Annotated[str, typer.Option("--model-name", help="The model id clients pass (default: the bundle "
                                                                  "directory's name).")] = "",
-    mode: Annotated[str, typer.Option("--mode", help="How cold neurons are found: exact, threshold or predictor "
-                                                     "(as `hotcold run --mode`).")] = "threshold",
+    cold_mode: Annotated[str, typer.Option("--cold-mode", help="How cold neurons are found: exact, threshold or predictor "
+                                                     "(as `hotcold run --cold-mode`).")] = "threshold",
     device: Annotated[str, typer.Option("--device", help="Where the GPU side runs: auto (cuda when present), cuda or cpu.")] = "auto",
     gpu_budget: Annotated[str, typer.Option("--gpu-budget", help="Refuse to start if the bundle's GPU part (with the KV "
                                                                  "cache) exceeds this, e.g. 24GiB.")] = "",
-    max_len: Annotated[int | None, typer.Option("--max-len", min=2, help="Context (prompt + completion tokens) to "
+    ctx_len: Annotated[int | None, typer.Option("--ctx-len", min=2, help="Context (prompt + completion tokens) to "
                                                                           "serve; default: the model's.")] = None,
     verify: Annotated[str, typer.Option("--verify", help="full (sha256 of every file), size, or none.")] = "full",
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level on stderr: critical, error, "
@@ -96,9 +96,9 @@ def serve_cmd(
     from hotcold.runtime import load
 
     name = model_name or Path(bundle).resolve().name
-    kw = {"max_len": max_len} if max_len else {}
+    kw = {"max_len": ctx_len} if ctx_len else {}
     with err.status(f"loading {escape(str(bundle))} (verify={escape(verify)})"):
-        model = load(str(bundle), mode=mode, device=device, gpu_budget=gpu_budget or None, verify=verify, **kw)
+        model = load(str(bundle), mode=cold_mode, device=device, gpu_budget=gpu_budget or None, verify=verify, **kw)
     app = create_app(model, name, api_key=api_key or None, max_queue=max_queue)
     sock = listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
@@ -109,7 +109,7 @@ def serve_cmd(
                   "machine can use the model[/]")
     # The address on stdout (scripts and tests read it: --port 0 picks one), the details on stderr.
     typer.echo(url, err=False)
-    err.print(f"serving {escape(name)} ({model.max_len}-token context, mode {escape(mode)}) at {url}/v1; queue "
+    err.print(f"serving {escape(name)} ({model.max_len}-token context, cold mode {escape(cold_mode)}) at {url}/v1; queue "
               f"{max_queue}; {'API key required' if api_key else 'no API key'}; Ctrl-C stops")
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                             server_header=False)

@@ -12,7 +12,7 @@ import typer
 
 from hotcold.clikit import JsonOpt, command, err, out, print_json
 
-ProfileOpt = Annotated[Path, typer.Option("--profile", "-p", help="Profile directory (from `hotcold profile`).")]
+ProfileOpt = Annotated[Path, typer.Option("--profile", help="Profile directory (from `hotcold profile`).")]
 PresetOpt = Annotated[Optional[str], typer.Option(
     "--preset", help="Hardware preset: pc-high, pc-low, h200 (the H200 machine's device rates) or h200-decode "
                      "(what hotcold's engine achieved there: lower rates + host overhead per split layer).")]
@@ -40,11 +40,11 @@ SOLVE_HELP = """Place FFN neurons on GPU or CPU under memory budgets and write a
 
 Examples:
 
-  hotcold solve -p prof/ --preset h200 --gpu-budget 48GiB -o place/
+  hotcold solve --profile prof/ --preset h200 --gpu-budget 48GiB -o place/
 
-  hotcold solve -p prof/ --hardware hw.json --policy fixed --tau 0.05 -o place-fixed/
+  hotcold solve --profile prof/ --hardware hw.json --policy fixed --tau 0.05 -o place-fixed/
 
-  hotcold solve -p prof/ --preset h200 --gpu-budget 48GiB --cold-mode predictor --compare -o places/ --json
+  hotcold solve --profile prof/ --preset h200 --gpu-budget 48GiB --cold-mode predictor --compare -o places/ --json
 """
 
 

@@ -257,7 +257,7 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
         log(f"reusing profile {prof_dir}")
     else:
         log(f"profiling {cfg.model} on {cfg.dataset} {cfg.profile_split} ({cfg.profile_limit} prompts, {cfg.profile_mode})")
-        opts = ProfileOptions(mode=cfg.profile_mode, activation=ActivationSpec(kind="magnitude", sparsity=cfg.sparsity),
+        opts = ProfileOptions(mode=cfg.profile_mode, activation=ActivationSpec(kind="product", sparsity=cfg.sparsity),
                               samples=2048, batch_size=4, device=device,
                               dtype="float32" if device == "cpu" else cfg.dtype)
         res = profile_dataset(src, cfg.dataset, cfg.profile_split, limit=cfg.profile_limit, opts=opts, out=prof_dir,

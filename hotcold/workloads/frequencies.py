@@ -23,13 +23,19 @@ from typing import Sequence
 import numpy as np
 
 
+def _kind_of(activation):
+    from hotcold.profiler.activation import kind_of
+
+    return kind_of(activation)
+
+
 def load_frequencies(path: str | Path, phase: str = "decode") -> tuple[np.ndarray, dict]:
     from hotcold.profiler.artifact import Profile
 
     p = Profile.load(path)
     f = p.frequencies(phase)
     info = {"path": str(path), "model": p.manifest["model"].get("source"), "dataset": p.manifest.get("dataset"),
-            "token_count": p.token_count, "activation": p.manifest.get("activation", {}).get("kind"),
+            "token_count": p.token_count, "activation": _kind_of(p.manifest.get("activation")),
             "content_hash": p.content_hash, "phase": phase}
     return np.asarray(f, dtype=np.float64), info
 
