@@ -100,3 +100,31 @@ def test_non_power_of_two_groups_are_refused(ops):
     w = _q(4, 96, QFormat(4, 48))
     with pytest.raises(InputError, match="power-of-two"):
         ops.qgemv(w, torch.zeros(4, device=DEV), x=torch.zeros(96, device=DEV))
+
+
+# ---- the model on the quantized Triton ops (the CUDA decode path; the interpreter on a CPU) ----------
+def test_engine_qtriton_equals_torch_path():
+    """A q4 model's decode steps through QGpuOps (qgemv attention and head, qgate_up + qvecmat_add hot
+    part, the fused attention over a float16 KV cache) give the plain-torch path's logits."""
+    import numpy as np
+
+    from hotcold.model.registry import load_source
+    from hotcold.runtime.build import from_source
+
+    src = load_source("random:tiny")
+    rng = np.random.default_rng(0)
+    # layers with a few, many, all and no hot neurons (all-hot layers skip the CPU exchange); 3 tokens
+    # keep it to ~1.5 min in the interpreter on a 2-core machine
+    hot = [rng.permutation(src.config.n_ff)[:k] for k in (10, 128, 256, 0)]
+    ids = [1, 17, 200]
+    out = {}
+    for kern in ("triton", "torch"):
+        eng = from_source(src, hot, quant="q4", cold_mode="exact", max_len=16, device=DEV, gpu_kernels=kern,
+                          cpu_backend="torch")
+        assert eng.gpu_kernels == kern and eng.quantized
+        steps = []
+        for t in ids:
+            eng.step(t)
+            steps.append(eng.logits.clone().cpu())
+        out[kern] = torch.stack(steps)
+    assert torch.allclose(out["triton"], out["torch"], atol=1e-3, rtol=1e-3), (out["triton"] - out["torch"]).abs().max()
