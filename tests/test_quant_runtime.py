@@ -325,3 +325,56 @@ def test_cli_export_and_run_q4(src, profile, tmp_path):
     res = json.loads(r.output)
     assert len(res["new_ids"]) == 4 and res["weights"] == "q4_g32"
     assert r.exit_code == 0, r.output
+
+
+def test_cli_compile_q4_prices_quantized_bytes(tmp_path):
+    from typer.testing import CliRunner
+
+    from hotcold.cli import app
+
+    r = CliRunner().invoke(app, ["compile", "-m", "random:tiny", "-d", "embedded", "--limit", "4", "--gpu-budget",
+                                 "200KB", "--dtype", "q4", "--ctx-len", "64", "-o", str(tmp_path / "b"), "--json"])
+    assert r.exit_code == 0, r.output
+    b = Bundle.load(tmp_path / "b")
+    assert b.dtype == "q4_g32" and 0 < sum(b.n_hot) < 4 * 256  # the budget holds part of the FFN at 4 bits
+    assert b.account(64).gpu_total <= 200_000
+
+
+# ---- from a GGUF: the source's quantized values kept where the layout allows ---------------------
+def test_gguf_q4_0_kept_down_requantized(src, tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from hotcold.model.registry import load_source
+    from tests.gguf_util import write_gguf
+
+    leaves = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "output")
+    path = write_gguf(src, tmp_path / "tiny-q4_0.gguf", {k: Q.Q4_0 for k in leaves})
+    gsrc = load_source(str(path))
+    export_bundle(gsrc, make_placement(gsrc, PLACEMENTS["split"], seed=1), tmp_path / "b",
+                  options=ExportOptions(dtype="q4", sparsity=None))
+    b = Bundle.load(tmp_path / "b")
+    qt = b.manifest["quant"]
+    assert qt["source"] == "gguf"
+    assert qt["tensors"]["layers.1.wqkv"]["provenance"] == {"wq": "kept", "wk": "kept", "wv": "kept"}
+    assert qt["tensors"]["layers.1.cold_up_down"]["provenance"] == {"w_up": "kept", "w_down": "requantized"}
+    assert qt["tensors"]["layers.1.hot_down"]["provenance"] == {"w_down": "requantized"}
+    assert qt["tensors"]["output"]["provenance"] == {"output": "kept"}
+    # kept: bit for bit the GGUF's own dequantized values (Q/K rows unpermuted by a row gather)
+    cfg = gsrc.config
+    w = dequantize(b.gpu["layers.1.wqkv"])
+    q = cfg.n_heads * cfg.head_dim
+    assert torch.equal(w[:q], gsrc.get("layers.1.wq"))
+    cold = b.cold_index(1).long()
+    assert torch.equal(dequantize(b.cpu["layers.1.cold_gate"]), gsrc.get("layers.1.w_gate")[cold])
+    # the whole model in exact mode == the GGUF's own dequantized dense model with only what was requantized
+    # (the down projection, by neuron) and the embedding (float16) rounded as the bundle stores them
+    t = {n: gsrc.get(n) for n in gsrc.names()}
+    t["tok_embeddings"] = t["tok_embeddings"].half().float()
+    for i in range(cfg.n_layers):
+        wd = t[f"layers.{i}.w_down"]
+        t[f"layers.{i}.w_down"] = dequantize(quantize(wd.t().contiguous(), 4)).t().contiguous()
+    ref = TensorDictSource(cfg, t, "gguf, down requantized")
+    m = load(tmp_path / "b", mode="exact", cpu_backend="torch", **FP32_KV)
+    x = torch.tensor([IDS])
+    assert_as_exact_as_dense(m.forward(x), DenseModel.from_source(ref).forward(x),
+                             DenseModel.from_source(ref, dtype=torch.float64).forward(x), "gguf q4_0")

@@ -9,7 +9,9 @@ import typer
 
 from hotcold.clikit import JsonOpt, ModelOpt, OutDirOpt, command, err, out, print_json, progress
 
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weight dtype of the bundle: fp32, bf16 or fp16.")]
+DTYPE_HELP = ("Weight dtype of the bundle: fp32, bf16, fp16, or group-wise quantized q4 / q8 (asymmetric q4a / q8a, "
+              "group suffix e.g. q4_g64; docs/quantized.md): matrices quantized, embedding fp16, bundled CPU layout.")
+DtypeOpt = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)]
 RuleOpt = Annotated[str, typer.Option("--rule", help="Activation rule of threshold/predictor modes: product "
                                                      "(|act(gate)·up| > t_l, the profiler's magnitude) or gate "
                                                      "(|act(gate)| > t_l, CATS; needs profile samples).")]

@@ -192,7 +192,8 @@ def compile_cmd(
     cpu_budget: Annotated[str | None, typer.Option("--cpu-budget", help="CPU memory for the placement.")] = None,
     cold_mode: Annotated[str, typer.Option("--cold-mode", help="threshold, predictor or exact (what the solver models).")] = "threshold",
     ctx_len: Annotated[int | None, typer.Option("--ctx-len", min=1, help="Context the KV cache is sized for (default: the model's maximum).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype of the bundle: fp32, bf16 or fp16.")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype of the bundle (and of the solver's account): fp32, "
+                                                       "bf16, fp16, or quantized q4 / q8 / q4a / q8a (docs/quantized.md).")] = "fp32",
     rule: Annotated[str, typer.Option("--rule", help="Activation rule: product or gate.")] = "product",
     cpu_layout: Annotated[str, typer.Option("--cpu-layout", help="auto, bundled or split (see `hotcold export --help`).")] = "auto",
     sparsity: Annotated[float, typer.Option("--sparsity", min=0.0, max=0.999, help="Target per-layer sparsity for t_l.")] = 0.5,

@@ -93,6 +93,11 @@ class DynamicPlacement:
         self.neuron_bytes = nb.total
         M = max_swaps * engine.L
         pin = engine.cuda
+        if getattr(engine, "quantized", False):
+            from hotcold.errors import InputError
+
+            raise InputError("dynamic placement does not move quantized rows yet (their up/down bytes are interleaved "
+                             "differently on the two sides)", "run quantized models with a fixed placement (no dynamic migration)")
         if any(c.gate is None for c in engine.cl):
             from hotcold.errors import InputError
 
