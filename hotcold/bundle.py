@@ -48,7 +48,8 @@ A Bundle is a directory (format version 1):
                          is predicted active when its logit exceeds the layer's decision threshold
 
 k_i = n_hot[i], c_i = n_ff - k_i. Every weight is stored in the bundle dtype (float32, bfloat16 or
-float16); index maps are int32.
+float16); index maps are int32. Hot and cold neurons keep the placement's frequency order, so the
+runtime (and a later migration step) can treat a prefix of either side as "the hottest".
 
 Quantized Bundles (dtype a hotcold.quant format such as q4_g32; docs/quantized.md): every large matrix
 (`QUANTIZED_LEAVES`: wqkv, wo, output, hot_gate_up, hot_down, cold_gate, cold_up_down) is one U8 tensor
@@ -56,8 +57,7 @@ Quantized Bundles (dtype a hotcold.quant format such as q4_g32; docs/quantized.m
 manifest quant.tensors[name] = QTensor.meta() + provenance (where each part came from: kept /
 quantized / requantized); tok_embeddings stays float16 (manifest quant.embedding), norms and biases
 are float32 (quant.small). The CPU layout is `bundled` (the quantized cold kernel's). The reader returns
-those tensors as hotcold.quant.QTensor. Hot and cold neurons keep the placement's frequency order, so the
-runtime (and a later migration step) can treat a prefix of either side as "the hottest".
+those tensors as hotcold.quant.QTensor.
 
 Activation rules of the `threshold` and `predictor` modes (t_l per layer, in the manifest):
     gate       |act(W_gate x)_i| > t_l       CATS: decidable from the gate rows alone (what the layout and
