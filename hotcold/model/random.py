@@ -13,6 +13,9 @@ per-layer power law (hotcold.workloads.frequencies.synthetic); `workload=PROFILE
 profile (e.g. SmolLM2 on MBPP) onto this shape by relative depth. Profiling such a model with any
 activation rule recovers the skew (not the exact f: the rule and thresholds differ), so the real
 profile → solve → export → run pipeline can be exercised at 70B shape.
+
+torch is imported only where tensors are made (`get`, `gen_device="auto"`): a RandomSource's config,
+description and fingerprint, which a synthetic profile for the solver carries, need no torch.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import json
 import math
 from functools import cached_property
 from statistics import NormalDist
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from hotcold.model.config import ModelConfig
 from hotcold.model.weights import WeightSource, global_names, layer_names
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
@@ -75,6 +81,8 @@ class RandomSource(WeightSource):
     def __init__(self, config: ModelConfig, seed: int = 0, tokenizer=None, workload: np.ndarray | None = None,
                  workload_name: str = "", gen_device: str = "cpu"):
         if gen_device == "auto":
+            import torch
+
             gen_device = "cuda" if torch.cuda.is_available() else "cpu"
         if gen_device not in ("cpu", "cuda"):
             raise ValueError(f"gen_device must be cpu, cuda or auto, got {gen_device!r}")
@@ -92,20 +100,32 @@ class RandomSource(WeightSource):
             if w.shape != (config.n_layers, config.n_ff):
                 raise ValueError(f"workload shape {w.shape} != (n_layers, n_ff) = {(config.n_layers, config.n_ff)}")
             self.workload = w
-            self._scales = []
-            for l in range(config.n_layers):
-                sc = torch.from_numpy(gate_scales(w[l])).float()
-                # up rows scaled alike (normalised to rms 1) so |silu(g)·u| rules track f too, not only |silu(g)|
-                self._scales.append({"w_gate": sc, "w_up": sc / sc.square().mean().sqrt()})
             self.description += f",workload={workload_name or 'custom'}"
         if tokenizer is not None and getattr(tokenizer, "description", ""):
             self.description += f",tokenizer={tokenizer.description}"
 
+    @cached_property
+    def _scales(self) -> list[dict[str, torch.Tensor]]:
+        """Per layer, the workload's gate and up row scales (made on the first tensor read)."""
+        import torch
+
+        scales = []
+        for l in range(self.config.n_layers):
+            sc = torch.from_numpy(gate_scales(self.workload[l])).float()
+            # up rows scaled alike (normalised to rms 1) so |silu(g)·u| rules track f too, not only |silu(g)|
+            scales.append({"w_gate": sc, "w_up": sc / sc.square().mean().sqrt()})
+        return scales
+
     def _gen(self, name: str) -> torch.Generator:
+        import torch
+
         h = int.from_bytes(hashlib.sha256(f"{self.seed}:{name}".encode()).digest()[:8], "little")
         return torch.Generator(device=self.gen_device).manual_seed(h & ((1 << 63) - 1))
 
-    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
         shape = _shape(self.config, name)
         g = self._gen(name)
         dev = self.gen_device

@@ -15,6 +15,10 @@ Our tensor names (shapes as stored: [out_features, in_features], like torch.nn.L
     output                      [vocab, dim]                  (absent when embeddings are tied)
 
 Each source maps external names to these through one explicit table (see gguf_loader / hf_loader).
+
+torch is imported inside the methods that make tensors: a source's config and fingerprint (all the
+solver reads, e.g. of a random model named by a synthetic profile) need no torch. `dtype=None` means
+float32.
 """
 
 from __future__ import annotations
@@ -24,15 +28,21 @@ from collections.abc import Iterator
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from hotcold.model.config import ModelConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from hotcold.model.tokenizer import Tokenizer
 
 LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 BIAS_TENSORS = ("bq", "bk", "bv")
+
+
+def _float32_if_none(dtype: torch.dtype | None) -> torch.dtype:
+    import torch
+
+    return torch.float32 if dtype is None else dtype
 
 
 def layer_names(cfg: ModelConfig, i: int) -> list[str]:
@@ -56,8 +66,8 @@ class WeightSource(ABC):
     description: str  # where it came from, for messages and manifests
 
     @abstractmethod
-    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor `name` (our naming), dequantized / converted to `dtype`."""
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `name` (our naming), dequantized / converted to `dtype` (None: float32)."""
 
     @property
     @abstractmethod
@@ -71,15 +81,16 @@ class WeightSource(ABC):
         return global_names(self.config) + [n for i in range(self.config.n_layers)
                                             for n in layer_names(self.config, i)]
 
-    def layer(self, i: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    def layer(self, i: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """All tensors of layer i, keyed by the short name (wq, w_gate, ...)."""
+        dtype = _float32_if_none(dtype)
         return {n.split(".", 2)[2]: self.get(n, dtype) for n in layer_names(self.config, i)}
 
-    def embedding(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.get("tok_embeddings", dtype)
+    def embedding(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.get("tok_embeddings", _float32_if_none(dtype))
 
-    def lm_head(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.get("tok_embeddings" if self.config.tie_embeddings else "output", dtype)
+    def lm_head(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.get("tok_embeddings" if self.config.tie_embeddings else "output", _float32_if_none(dtype))
 
     def manifest_entry(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "source": self.description, "config": self.config.to_json()}
@@ -95,8 +106,8 @@ class TensorDictSource(WeightSource):
         self.description = description
         self._tokenizer = tokenizer
 
-    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.tensors[name].to(dtype)
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.tensors[name].to(_float32_if_none(dtype))
 
     def tokenizer(self) -> Tokenizer | None:
         return self._tokenizer
@@ -104,6 +115,8 @@ class TensorDictSource(WeightSource):
     @cached_property
     def fingerprint(self) -> str:
         import hashlib
+
+        import torch
 
         h = hashlib.sha256(repr(sorted(self.config.to_json().items())).encode())
         for name in sorted(self.tensors):

@@ -250,9 +250,15 @@ def calibrate(dtype: str | None = None, seconds: float = 40.0, threads: int | No
     Each measurement is a median over repeats after a warm-up; the whole run stays under `seconds`
     (a measurement that would overrun keeps the repeats it has). Without CUDA the spec says so
     (`link.shared_memory`): the runtime's "GPU" side then runs on the CPU over the same memory.
+    Measuring needs torch; the rest of the solver does not.
     """
-    import torch
-    import torch.nn.functional as F
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ModuleNotFoundError:
+        raise InputError("hotcold calibrate measures with torch, which is not installed here",
+                         "pip install torch, or take a preset (hotcold calibrate --preset NAME --out FILE) "
+                         "and edit its bandwidths") from None
 
     start = time.perf_counter()
     deadline = start + seconds
