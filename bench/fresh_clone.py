@@ -252,11 +252,14 @@ def main() -> None:
     ap.add_argument("--python", default=sys.executable, help="interpreter for the fresh venv")
     ap.add_argument("--tmp", default=None, help="where the temporary directory goes (default: the system's)")
     ap.add_argument("--solver-only", action="store_true", help="only the solver's tests, without torch")
+    ap.add_argument("--note", default=None, help="a line recorded in the JSON (e.g. what --repo holds beyond HEAD)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (and its logs)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/fresh_clone.json, "
                                                 "or solver_py<version>.json with --solver-only)")
     args = ap.parse_args()
     res = solver_only(args) if args.solver_only else full_run(args)
+    if args.note:
+        res["note"] = args.note
     default = (f"solver_py{res['python_version'].split()[-1].rsplit('.', 1)[0].replace('.', '')}.json"
                if args.solver_only else "fresh_clone.json")
     out = Path(args.out or REPO / "bench" / "results" / default)
