@@ -378,3 +378,34 @@ def test_gguf_q4_0_kept_down_requantized(src, tmp_path):
     x = torch.tensor([IDS])
     assert_as_exact_as_dense(m.forward(x), DenseModel.from_source(ref).forward(x),
                              DenseModel.from_source(ref, dtype=torch.float64).forward(x), "gguf q4_0")
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_qcold_product_rule_against_float64(backend):
+    """QColdKernel's product rule (|silu(g)·u| > t decides; added for quantized Bundles) against a float64
+    reference over the dequantized rows, for every neuron group and both schedules."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+    from hotcold.quant import hcat
+    from hotcold.runtime.qkernels import QColdKernel
+
+    C, D = 300, 64
+    gen = torch.Generator().manual_seed(3)
+    gate, up, down = (quantize(torch.randn(C, D, generator=gen) * 0.3, 4) for _ in range(3))
+    ud = hcat(up, down)
+    x = torch.randn(D, generator=gen)
+    g64, u64, d64 = (dequantize(t).double() for t in (gate, up, down))
+    a = F.silu(g64 @ x.double()) * (u64 @ x.double())
+    # t in the widest gap between neighbouring |a| around the median: no neuron on the border in float32
+    srt = a.abs().sort().values
+    i = C // 3 + int((srt[C // 3 + 1: 2 * C // 3] - srt[C // 3: 2 * C // 3 - 1]).argmax())
+    thr = float(srt[i] + srt[i + 1]) / 2
+    on = a.abs() > thr
+    want = a[on] @ d64[on]
+    for group, dyn in ((1, False), (2, True), (4, False), (4, True)):
+        k = QColdKernel(D, backend, threads=2, group=group, dynamic=dyn)
+        act = torch.zeros(C, dtype=torch.uint8)
+        r = k(x, gate, ud, "threshold", rule="product", thr=thr, active=act)
+        assert r.n_active == int(on.sum()) and torch.equal(act.bool(), on), (group, dyn)
+        assert float((r.y.double() - want).abs().max()) <= 1e-5 * float(want.abs().max()), (group, dyn)
+        assert r.bytes_read == C * (gate.row_bytes + ud.row_bytes // 2) + r.n_active * ud.row_bytes // 2
