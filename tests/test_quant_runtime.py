@@ -409,3 +409,28 @@ def test_qcold_product_rule_against_float64(backend):
         assert r.n_active == int(on.sum()) and torch.equal(act.bool(), on), (group, dyn)
         assert float((r.y.double() - want).abs().max()) <= 1e-5 * float(want.abs().max()), (group, dyn)
         assert r.bytes_read == C * (gate.row_bytes + ud.row_bytes // 2) + r.n_active * ud.row_bytes // 2
+
+
+def test_predictor_mode_on_quantized_rows(src):
+    """Predictor mode (a selector on the GPU side picks the cold neurons; here the oracle of the gate rule
+    over the same dequantized gate rows) decodes exactly as threshold mode with the gate rule."""
+    from hotcold.runtime.selectors import OracleSelector
+
+    L = src.config.n_layers
+    rng = np.random.default_rng(0)
+    hot = [rng.permutation(256)[:k] for k in (0, 64, 200, 30)]
+    ts = [0.05] * L
+    gates = [dequantize(quantize(src.layer(i)["w_gate"], 4)) for i in range(L)]
+    logits = {}
+    for mode in ("predictor", "threshold"):
+        sel = OracleSelector(gates, ts, "cpu") if mode == "predictor" else None
+        m = from_source(src, hot, quant="q4", cold_mode=mode, selector=sel, rule="gate", thresholds=ts, max_len=16,
+                        cpu_backend="torch", **FP32_KV)
+        m.reset()
+        out = []
+        for t in IDS[:6]:
+            m.step(t)
+            out.append(m.logits.clone())
+        logits[mode] = torch.stack(out)
+        assert 0 < m.report()["decode"]["active_fraction"] < 1
+    torch.testing.assert_close(logits["predictor"], logits["threshold"], atol=1e-5, rtol=1e-5)
