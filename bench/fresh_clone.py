@@ -208,6 +208,13 @@ def solver_only(args) -> dict:
     log = Path(run["log"]).read_text()
     line = summary_line(log)
     failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - (.*))?$", log, re.M)
+    # a module that fails to import is "ERROR tests/x.py" with no reason in the summary: take its traceback's
+    # last "E   ...Error: ..." line from the "ERROR collecting tests/x.py" section
+    for where, body in re.findall(r"^_+ ERROR collecting (\S+) _+$(.*?)(?=^_{3,} |^=+ )", log, re.M | re.S):
+        last = re.findall(r"^E\s+(\w+Error: .*)$", body, re.M)
+        frames = re.findall(r"^(hotcold/\S+:\d+): in <module>$", body, re.M)  # the import that failed
+        why_here = (last[-1] + (f" (at {frames[-1]})" if frames else "")) if last else ""
+        failed = [(t, why or (why_here if t == where else why)) for t, why in failed]
     torch_only = [t for t, why in failed if "torch" in (why or "")]
     # "SKIPPED [8] tests/test_solver_highs.py:87: highspy is not installed (...)": every skip states its reason
     skips = [{"count": int(n), "where": where, "reason": why}
