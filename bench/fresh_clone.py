@@ -64,6 +64,20 @@ def counts(summary: str) -> dict[str, int]:
     return got
 
 
+def skip_reasons(log: str) -> list[dict]:
+    """pytest -rs lines ("SKIPPED [8] tests/test_solver_highs.py:87: highspy is not installed ...") -> records."""
+    return [{"count": int(n), "where": where, "reason": why}
+            for n, where, why in re.findall(r"^SKIPPED \[(\d+)\] (\S+?): (.*)$", log, re.M)]
+
+
+def skip_totals(skips: list[dict]) -> dict[str, int]:
+    """Skips per reason, MBPP's counted apart (tests/mbpp_util.py's one reason starts "needs MBPP")."""
+    by: dict[str, int] = {}
+    for k in skips:
+        by[k["reason"]] = by.get(k["reason"], 0) + k["count"]
+    return dict(sorted(by.items(), key=lambda kv: -kv[1]))
+
+
 def summary_line(text: str) -> str:
     lines = [ln.strip("= ").strip() for ln in text.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
     return lines[-1] if lines else ""
@@ -122,6 +136,7 @@ def full_run(args) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
+    t_start = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="hotcold-fresh-", dir=args.tmp))
     tmpdir = root / "tmp"  # the steps' TMPDIR: what the demo leaves in its temp space is measured here
     tmpdir.mkdir()
@@ -172,14 +187,21 @@ def full_run(args) -> dict:
         }
         advance("pip install -e '.[test]' && python -m pytest -q")
         t_install = steps.run("test-install", README_TESTS.split(" && ")[0], clone)
+        # the README's command unchanged; PYTEST_ADDOPTS only adds pytest's skip report (reasons, MBPP's counted)
+        steps.env.update(PYTEST_ADDOPTS="-rfEs", COLUMNS="400")
         tests = steps.run("tests", README_TESTS.split(" && ")[1], clone) if t_install["rc"] == 0 else None
         test_log = Path(tests["log"]).read_text() if tests else ""
         line = summary_line(test_log)
         result["tests"] = {"command": README_TESTS, "install_rc": t_install["rc"], "rc": tests["rc"] if tests else None,
                            "seconds": tests["seconds"] if tests else None, "summary": line, **counts(line),
-                           "failures": re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", test_log, re.M)}
+                           "failures": re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", test_log, re.M),
+                           "env_added": {"PYTEST_ADDOPTS": "-rfEs", "COLUMNS": "400"},
+                           "skips_by_reason": skip_totals(skip_reasons(test_log)),
+                           "skipped_for_mbpp": sum(k["count"] for k in skip_reasons(test_log)
+                                                   if k["reason"].startswith("needs MBPP"))}
         advance("done")
     result["machine"]["loadavg_end"] = os.getloadavg()
+    result["wall_seconds"] = round(time.perf_counter() - t_start, 1)  # clone to last test, all steps
     result["steps"] = steps.done
     if args.keep:
         result["kept"] = str(root)
@@ -216,9 +238,7 @@ def solver_only(args) -> dict:
         why_here = (last[-1] + (f" (at {frames[-1]})" if frames else "")) if last else ""
         failed = [(t, why or (why_here if t == where else why)) for t, why in failed]
     torch_only = [t for t, why in failed if "torch" in (why or "")]
-    # "SKIPPED [8] tests/test_solver_highs.py:87: highspy is not installed (...)": every skip states its reason
-    skips = [{"count": int(n), "where": where, "reason": why}
-             for n, where, why in re.findall(r"^SKIPPED \[(\d+)\] (\S+?): (.*)$", log, re.M)]
+    skips = skip_reasons(log)  # every skip states its reason
     result = {"kind": "solver_tests_other_python", "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit,
               "python_version": subprocess.run([str(py), "--version"], capture_output=True, text=True).stdout.strip(),
@@ -246,7 +266,9 @@ def table(r: dict) -> str:
         ("left in the temporary directory", f"{d['left_in_tmp_bytes'] / mb:.1f} MB"),
         (f"growth of {r['hotcold_home']}", f"{d['hotcold_home_growth_bytes'] / mb:.1f} MB"),
         ("`" + t["command"] + "`", f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
-                                   f"{t['skipped']} skipped in {t['seconds']:.0f} s" if t["seconds"] else "not run"),
+                                   f"{t['skipped']} skipped ({t.get('skipped_for_mbpp', '?')} need MBPP) in "
+                                   f"{t['seconds']:.0f} s" if t["seconds"] else "not run"),
+        ("wall time, clone to last test", f"{r['wall_seconds'] / 60:.1f} min" if "wall_seconds" in r else "?"),
         ("load average (start → end)", f"{r['machine']['loadavg_start'][0]:.1f} → {r['machine']['loadavg_end'][0]:.1f} "
                                        f"on {r['machine']['cpus']} CPUs"),
     ]
