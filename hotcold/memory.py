@@ -51,7 +51,7 @@ INDEX_BYTES = 4  # int32 neuron indices
 def canonical_dtype(dtype: Any) -> str:
     """'fp16', 'f16', torch.float16, 'half' -> 'float16'; 'q4', 'q4_0' -> 'q4_g32' (hotcold.quant's name);
     unknown -> InputError listing what is known."""
-    from hotcold.quant import parse_format
+    from hotcold.qformat import parse_format
 
     name = str(dtype).lower()
     name = _ALIASES.get(name, name)
@@ -68,7 +68,7 @@ def canonical_dtype(dtype: Any) -> str:
 
 def quant_format(dtype: Any):
     """The hotcold.quant.QFormat of a quantized dtype, None for a float dtype."""
-    from hotcold.quant import parse_format
+    from hotcold.qformat import parse_format
 
     d = canonical_dtype(dtype)
     return None if d in FLOAT_DTYPES else parse_format(d)

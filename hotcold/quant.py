@@ -31,7 +31,6 @@ account and the solver use. Quantizing follows llama.cpp's reference rounding bi
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +38,9 @@ import numpy as np
 import torch
 
 from hotcold.errors import InputError
+# the format itself (names, bytes) is torch-free, so the memory account and the solver can use it
+from hotcold.qformat import BITS, DEFAULT_GROUP, QFormat, parse_format
 
-BITS = (4, 8)
-DEFAULT_GROUP = 32
 # values per chunk while (de)quantizing: temporaries stay ~100 MB however large the matrix is
 _CHUNK_VALUES = 1 << 22
 
@@ -50,72 +49,6 @@ KEPT = "kept"  # the source's quantized values carried over exactly (bytes rearr
 QUANTIZED = "quantized"  # quantized from float weights (F32 / F16 / BF16 source)
 REQUANTIZED = "requantized"  # dequantized from another quantized type, then quantized (lossy twice)
 PROVENANCES = (KEPT, QUANTIZED, REQUANTIZED)
-
-
-@dataclass(frozen=True)
-class QFormat:
-    """bits (4 | 8), group (values per scale, a multiple of 4), asym (a float16 offset per group too)."""
-
-    bits: int = 4
-    group: int = DEFAULT_GROUP
-    asym: bool = False
-
-    def __post_init__(self) -> None:
-        if self.bits not in BITS:
-            raise InputError(f"quantized weights have {self.bits} bits", "use 4 or 8 bits (q4, q8)")
-        if self.group < 4 or self.group % 4:
-            # INT4 packs a group's two halves into one byte run, and the float16 scales must start at an
-            # even byte offset of the row: a multiple of 4 gives both for INT4 and INT8
-            raise InputError(f"quantization group {self.group} is not a multiple of 4 (at least 4)",
-                             "use a group such as 32 (GGUF's), 64 or 128")
-
-    @property
-    def name(self) -> str:
-        """Canonical dtype name: q4_g32, q8_g32, q4a_g32 (asymmetric), q4_g128 ..."""
-        return f"q{self.bits}{'a' if self.asym else ''}_g{self.group}"
-
-    @property
-    def bits_per_weight(self) -> float:
-        return self.bits + 16 * (2 if self.asym else 1) / self.group
-
-    def data_bytes(self, cols: int) -> int:
-        return cols * self.bits // 8
-
-    def n_groups(self, cols: int) -> int:
-        return cols // self.group
-
-    def check_cols(self, cols: int, what: str = "a row") -> None:
-        if cols <= 0 or cols % self.group:
-            raise InputError(f"{what} of {cols} values cannot be cut into groups of {self.group} ({self.name})",
-                             "choose a group that divides the row length, or a float dtype for this tensor")
-
-    def row_bytes(self, cols: int) -> int:
-        """Bytes of one quantized row of `cols` values: data + scales (+ offsets). The one byte count."""
-        self.check_cols(cols)
-        return self.data_bytes(cols) + 2 * self.n_groups(cols) * (2 if self.asym else 1)
-
-    def tensor_bytes(self, rows: int, cols: int) -> int:
-        return rows * self.row_bytes(cols)
-
-
-_NAME = re.compile(r"^q(4|8)(a?)(?:_?g(\d+))?$")
-_GGUF_NAMES = {"q4_0": QFormat(4, 32, False), "q8_0": QFormat(8, 32, False), "q4_1": QFormat(4, 32, True)}
-
-
-def parse_format(name: str) -> QFormat | None:
-    """'q4', 'q8', 'q4a', 'q4_g64', 'q8a_g128', 'q4_0', 'q8_0', 'q4_1' -> QFormat; a float dtype name -> None.
-
-    Anything else that starts with 'q' -> InputError (a typo should not silently mean float)."""
-    s = str(name).strip().lower()
-    if s in _GGUF_NAMES:
-        return _GGUF_NAMES[s]
-    m = _NAME.match(s)
-    if m:
-        return QFormat(int(m.group(1)), int(m.group(3) or DEFAULT_GROUP), bool(m.group(2)))
-    if s.startswith("q"):
-        raise InputError(f"unknown quantized dtype {name!r}",
-                         "use q4 or q8, optionally asymmetric (q4a) and with a group (q4_g64); or q4_0, q8_0, q4_1")
-    return None
 
 
 def row_bytes(cols: int, bits: int, group: int = DEFAULT_GROUP, asym: bool = False) -> int:
@@ -202,7 +135,8 @@ class QTensor:
 
     def take_rows(self, idx: torch.Tensor | np.ndarray | list[int]) -> QTensor:
         """Rows idx (a copy): hot-first permutation, hot/cold split, GGUF's Q/K row unpermutation."""
-        i = torch.as_tensor(np.asarray(idx), dtype=torch.int64, device=self.device)
+        i = idx.to(device=self.device, dtype=torch.int64) if isinstance(idx, torch.Tensor) else \
+            torch.as_tensor(np.asarray(idx), dtype=torch.int64, device=self.device)
         return QTensor(self.packed.index_select(0, i), self.fmt, (int(i.numel()), self.shape[1]))
 
     def to(self, device: torch.device | str) -> QTensor:
