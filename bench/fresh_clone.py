@@ -29,6 +29,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -286,7 +287,14 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/fresh_clone.json, "
                                                 "or solver_py<version>.json with --solver-only)")
     args = ap.parse_args()
+    # A user's terminal delivers Ctrl-C to what they run. Started with `&` from a script, this process has
+    # SIGINT ignored, and every step would inherit that (tests/test_profiler_procs.py sends SIGINT to a
+    # profile run and failed so): a handled signal is reset to the default at exec, an ignored one is not.
+    sigint_was_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if sigint_was_ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     res = solver_only(args) if args.solver_only else full_run(args)
+    res["sigint_was_ignored_here"] = sigint_was_ignored  # steps ran with the default SIGINT either way
     if args.note:
         res["note"] = args.note
     default = (f"solver_py{res['python_version'].split()[-1].rsplit('.', 1)[0].replace('.', '')}.json"

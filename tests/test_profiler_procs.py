@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from hotcold.profiler.artifact import Profile
 
@@ -93,6 +94,21 @@ def wait_for_checkpoint(proc: subprocess.Popen, ck: Path, after_ns: int = 0) -> 
     raise AssertionError(f"no new checkpoint (the run exited with {proc.poll()})")
 
 
+@pytest.fixture
+def children_take_sigint():
+    """The subprocesses started here act on SIGINT, as a terminal's Ctrl-C would reach them.
+
+    A job started with `&` from a non-interactive shell (a CI step, `nohup ... &`) has SIGINT ignored,
+    and an ignored signal stays ignored across fork and exec: Python then installs no KeyboardInterrupt
+    handler, so the run never sees the Ctrl-C this test sends and finishes with exit 0. A handled signal
+    is reset to the default at exec, so a handler here gives the children Python's usual Ctrl-C."""
+    old = signal.getsignal(signal.SIGINT)
+    if old == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def checkpoint_done(ck: Path) -> int:
     from safetensors import safe_open
 
@@ -100,7 +116,7 @@ def checkpoint_done(ck: Path) -> int:
         return int(json.loads(f.metadata()["hotcold"])["done"])
 
 
-def test_interrupted_and_killed_run_leave_no_profile_and_resume(tmp_path):
+def test_interrupted_and_killed_run_leave_no_profile_and_resume(tmp_path, children_take_sigint):
     from hotcold.profiler.activation import ActivationSpec
     from hotcold.profiler.engine import ProfileOptions, run_profile
 
