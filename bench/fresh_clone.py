@@ -226,6 +226,7 @@ def solver_only(args) -> dict:
     py = venv / "bin" / "python"
     pulp = subprocess.run([str(py), "-c", "import pulp; print(pulp.__version__, pulp.listSolvers(onlyAvailable=True))"],
                           capture_output=True, text=True)
+    torch_there = subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode == 0
     steps.env["COLUMNS"] = "400"  # pytest's short summary cuts the reasons to the terminal's width
     run = steps.run("tests", "python -m pytest -q -p no:cacheprovider -rfEs " + " ".join(SOLVER_TESTS), clone)
     log = Path(run["log"]).read_text()
@@ -243,7 +244,7 @@ def solver_only(args) -> dict:
     result = {"kind": "solver_tests_other_python", "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit,
               "python_version": subprocess.run([str(py), "--version"], capture_output=True, text=True).stdout.strip(),
-              "installed": no_torch, "install_rc": inst["rc"], "pulp": pulp.stdout.strip() or pulp.stderr.strip()[-300:],
+              "installed": no_torch, "install_rc": inst["rc"], "torch_importable": torch_there, "pulp": pulp.stdout.strip() or pulp.stderr.strip()[-300:],
               "tests": SOLVER_TESTS, "summary": line, **counts(line),
               "failed_for_want_of_torch": len(torch_only),
               "failed_otherwise": [t for t, why in failed if "torch" not in (why or "")],
