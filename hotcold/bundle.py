@@ -369,7 +369,7 @@ class Bundle:
             raise InfeasibleError(
                 f"GPU budget {format_bytes(budget)} is smaller than bundle {self.path}'s GPU part "
                 f"{format_bytes(acct.gpu_total)} at a {ctx_len}-token context ({parts})",
-                "raise --gpu-budget, shorten the context (--max-len), or export a placement solved for this budget")
+                "raise --gpu-budget, shorten the context (--ctx-len), or export a placement solved for this budget")
         return acct
 
     # ---- loading --------------------------------------------------------------------------------

@@ -236,3 +236,23 @@ def test_compiled_kernel_equals_torch_kernel(bundles):
             rows.append(m.logits.clone())
         logits[name] = torch.stack(rows)
     torch.testing.assert_close(logits["c"], logits["torch"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["product", "product-bundled"])
+def test_product_rule_skips_what_its_thresholds_imply(src, bundles, dense, rule):
+    """Decoding a product-rule Bundle in threshold mode computes exactly the cold neurons with
+    |act(g)·u| > t_l: the active fraction it reports per layer is the one the dense model's activations
+    on the same tokens give under the Bundle's thresholds (about half, at the export's 50% sparsity)."""
+    m = load(bundles["all_cpu", rule], mode="threshold")
+    g = m.generate(IDS[:5], 10)
+    ts = m.bundle.thresholds
+    seen: dict[int, float] = {}
+
+    def hook(layer, x, a):
+        seen[layer] = float((a[0, 5:].abs() > ts[layer]).float().mean())
+        return a
+
+    dense.forward(torch.tensor([IDS[:5] + g.new_ids[:-1]]), hook=hook)
+    got = [row["active_fraction"] for row in m.report()["decode"]["layers"]]
+    assert got == pytest.approx([seen[l] for l in range(len(got))], abs=0.01)
+    assert all(0.3 < f < 0.7 for f in got)  # thresholds applied: unthresholded would be 1.0

@@ -116,6 +116,18 @@ class GpuLayer:
                 if t is not None]
 
 
+def _spread(per_token_s: list[float], skip: int = 8) -> dict[str, Any]:
+    """Median and p90 of the decode steps' times, and the mean without the first `skip` steps (what a
+    benchmark that warms up reports), so one slow first step is visible as such."""
+    if not per_token_s:
+        return {}
+    p = sorted(per_token_s)
+    rest = per_token_s[skip:] or per_token_s
+    return {"ms_per_token_median": 1e3 * p[len(p) // 2], "ms_per_token_p90": 1e3 * p[int(0.9 * (len(p) - 1))],
+            f"ms_per_token_after_{skip}": 1e3 * sum(rest) / len(rest),
+            f"ms_first_{min(skip, len(per_token_s))}": [round(1e3 * t, 3) for t in per_token_s[:skip]]}
+
+
 @dataclass
 class CpuLayer:
     """One layer's cold neurons, in the Bundle's `bundled` or `split` layout (hotcold.bundle); bundled rows
@@ -647,6 +659,12 @@ class HybridModel:
         if bundled and self.kernel.backend == "numba":
             g = bundled[0].gate
             self.kernel.warm_up(g.fmt if isinstance(g, QTensor) else g.dtype)
+            if not isinstance(g, QTensor):
+                # one exact pass over every layer's real rows (~0.1 s per 10 GB): the threads' first touch
+                # of the weights happens here, not in the first timed tokens
+                x = torch.zeros(self.cfg.dim)
+                for c in bundled:
+                    self.kernel.run(c, x, "exact", rule=self.rule)
 
     def _capture(self) -> None:
         saved_pos, saved_host = self.pos.clone(), self.host_pos
@@ -702,7 +720,7 @@ class HybridModel:
         """One decode step at position `host_pos`; token None feeds back the previous step's argmax (no
         host sync). The logits of the next token are in `self.logits`, its argmax in `self.tok`."""
         if self.host_pos >= self.max_len:
-            raise InputError(f"the context is full ({self.max_len} tokens)", "raise --max-len, or shorten the prompt")
+            raise InputError(f"the context is full ({self.max_len} tokens)", "raise --ctx-len, or shorten the prompt")
         self.host_pos += 1
         for hook in self.hooks:
             hook(self)
@@ -764,7 +782,7 @@ class HybridModel:
         n = max_len or self.max_len
         if n > self.max_len:
             raise InputError(f"a {n}-token context is longer than this model's {self.max_len}",
-                             "shorten the prompt or --max-new-tokens, or raise --max-len")
+                             "shorten the prompt or --max-new-tokens, or raise --ctx-len")
         return KVCache(self.cfg, batch, n, self.kv_dtype, self.device)
 
     def _ffn_batch(self, l: int, x: torch.Tensor, sparse: bool) -> torch.Tensor:
@@ -829,7 +847,7 @@ class HybridModel:
             cache = self.new_cache(B, start + T)
         if start + T > cache.max_len:
             raise InputError(f"a {start + T}-token context is longer than the cache's {cache.max_len}",
-                             "shorten the prompt or --max-new-tokens, or raise --max-len")
+                             "shorten the prompt or --max-new-tokens, or raise --ctx-len")
         if sparse is None:
             sparse = self.prefill_mode == "sparse"
         sparse = bool(sparse) and self.cold_mode != "exact"
@@ -880,7 +898,7 @@ class HybridModel:
             raise InputError("the prompt is empty", "pass a prompt of at least one token")
         if len(ids) >= self.max_len:
             raise InputError(f"a {len(ids)}-token prompt does not fit the {self.max_len}-token context",
-                             "shorten the prompt or raise --max-len")
+                             "shorten the prompt or raise --ctx-len")
         self.reset()
         logits = self.forward(torch.tensor([ids]), 0, self.cache, last_only=True)[0, -1]
         self.logits.copy_(logits)
@@ -904,7 +922,7 @@ class HybridModel:
         ids = [int(t) for t in prompt_ids]
         if len(ids) + max_new_tokens > self.max_len:
             raise InputError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the {self.max_len}-token context",
-                             "lower --max-new-tokens or raise --max-len")
+                             "lower --max-new-tokens or raise --ctx-len")
         gen = torch.Generator().manual_seed(seed)
         self.capture()
         t0 = time.perf_counter()
@@ -1021,7 +1039,7 @@ class HybridModel:
                   "cpu_GBps": tot.cpu_bytes / tot.cpu_kernel_s / 1e9 if tot.cpu_kernel_s > 0 else None,
                   "gpu_share": float(hot.sum()) / a_all if a_all and tot.tokens else None,
                   "active_fraction": a_all / (tok * self.cfg.n_ff * self.L) if tot.tokens else None,
-                  "layers": layers}
+                  **_spread(tot.per_token_s), "layers": layers}
         mem = self.memory()
         gpu_b = mem["gpu_weights_and_kv"] - mem["gpu_kv"] + mem["gpu_predictors"]
         return {"bundle": None if self.bundle is None else str(self.bundle.path), "mode": self.cold_mode,
