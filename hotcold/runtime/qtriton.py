@@ -42,7 +42,9 @@ def _kernels() -> dict[str, Any]:
 
 # (BLOCK_N, BLOCK_K, num_warps): an INT4 tile of BLOCK_K values is a quarter of fp16's bytes, so the
 # candidates stream longer K tiles than triton_ops' GEMV_CONFIGS; the first is used where nothing was timed
-QGEMV_CONFIGS = ((16, 1024, 8), (8, 1024, 4), (32, 512, 8), (4, 2048, 8), (16, 512, 4))
+# (BLOCK_N, BLOCK_K, warps[, element-wise accumulation]): the tuner times each on the real shape
+QGEMV_CONFIGS = ((16, 1024, 8), (8, 1024, 4), (32, 512, 8), (4, 2048, 8), (16, 512, 4),
+                 (16, 512, 8, 1), (8, 1024, 8, 1), (32, 256, 8, 1), (16, 256, 4, 1), (64, 256, 8, 1))
 QVECMAT_CONFIGS = ((16, 512, 4), (32, 256, 4), (8, 1024, 8))
 INTERP_QGEMV = (4, 64, 4)  # small blocks for the interpreter at toy shapes
 INTERP_QVECMAT = (4, 64, 4)
@@ -98,7 +100,7 @@ class QGpuOps(GpuOps):
         can_split = not norm and not relu and out.dtype == torch.float32
 
         def launch(cfg, scratch=False):
-            bn, bk, nwarps = cfg
+            bn, bk, nwarps, *ew = cfg
             bk = max(bk, w.group)
             nblk = tr.cdiv(N, bn)
             ktiles = tr.cdiv(K, bk)
@@ -113,7 +115,8 @@ class QGpuOps(GpuOps):
                 y.zero_()
             self.qk["qgemv"][(nblk, s)](
                 codes, p16, xa, xa, nwa, y, N, K, w.row_bytes, k_per, eps, NORM=norm, ACC=acc, RELU=relu,
-                SPLIT=s > 1, BITS=w.bits, ASYM=w.asym, GS=w.group, BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarps)
+                SPLIT=s > 1, BITS=w.bits, ASYM=w.asym, GS=w.group, BLOCK_N=bn, BLOCK_K=bk, EW=bool(ew and ew[0]),
+                num_warps=nwarps)
 
         launch(self._pick_q(("qgemv", N, K, norm, w.fmt.name, split), QGEMV_CONFIGS, launch, INTERP_QGEMV))
 
@@ -132,14 +135,15 @@ class QGpuOps(GpuOps):
         codes, p16 = self._views(w)
 
         def launch(cfg, scratch=False):
-            bn, bk, nwarps = cfg
+            bn, bk, nwarps, *ew = cfg
             bn = max(1, bn // 2)  # two rows per slot
             bk = max(bk, w.group)
             y = torch.empty_like(a_out) if scratch else a_out
             ys = torch.empty_like(s) if scratch else s
             self.qk["qgate_up"][(self.qk["triton"].cdiv(k, bn),)](
                 codes, p16, xa, xa, nwa, y, ys, k, D, w.row_bytes, eps, NORM=norm, WRITE_S=s_out is not None,
-                BITS=w.bits, ASYM=w.asym, GS=w.group, BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarps)
+                BITS=w.bits, ASYM=w.asym, GS=w.group, BLOCK_N=bn, BLOCK_K=bk, EW=bool(ew and ew[0]),
+                num_warps=nwarps)
 
         launch(self._pick_q(("qgate_up", k, D, norm, w.fmt.name), QGEMV_CONFIGS, launch, INTERP_QGEMV))
 

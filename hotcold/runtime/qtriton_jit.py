@@ -65,14 +65,18 @@ def _xtile(X, H_, NW, k0, K, NORM: tl.constexpr, GS: tl.constexpr, NGB: tl.const
 @triton.jit
 def qgemv(P, P16, X, H_, NW, Y, N, K, RB, K_PER, eps, NORM: tl.constexpr, ACC: tl.constexpr,
           RELU: tl.constexpr, SPLIT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr, GS: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Y[n] (+)= act(r · Σ_k W[n, k] x_k) over this program's K range [pid_k·K_PER, +K_PER)
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EW: tl.constexpr = False):
+    # Y[n] (+)= act(r · Σ_k W[n, k] x_k) over this program's K range [pid_k·K_PER, +K_PER).
+    # EW: accumulate element-wise ([BN, NGB, GS/2] partial sums, reduced once at the end) instead of
+    # reducing each tile's groups in the loop (fewer shuffles per byte; more registers)
     NGB: tl.constexpr = BLOCK_K // GS
+    H: tl.constexpr = GS // 2
     pid = tl.program_id(0)
     pk = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     acc = tl.zeros((BLOCK_N, NGB), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, NGB if EW else 1, H if EW else 1), dtype=tl.float32)
     ss = 0.0
     kbeg = pk * K_PER
     for kk in range(0, K_PER, BLOCK_K):
@@ -80,10 +84,16 @@ def qgemv(P, P16, X, H_, NW, Y, N, K, RB, K_PER, eps, NORM: tl.constexpr, ACC: t
         lo, hi, d, o, gmask = _tile(P, P16, rows, rmask, k0, K, RB, BITS, ASYM, GS, NGB)
         xa, xb, s2 = _xtile(X, H_, NW, k0, K, NORM, GS, NGB)
         ss += s2
-        qx = tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2)  # [BN, NGB]: Σ q_i x_i per group
-        xs = tl.sum(xa + xb, axis=1)  # [NGB]: Σ x_i per group
-        acc += d * qx + o * xs[None, :]
-    y = tl.sum(acc, axis=1)
+        if EW:
+            acc3 += d[:, :, None] * (lo * xa[None, :, :] + hi * xb[None, :, :]) + o[:, :, None] * (xa + xb)[None, :, :]
+        else:
+            qx = tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2)  # [BN, NGB]: Σ q_i x_i per group
+            xs = tl.sum(xa + xb, axis=1)  # [NGB]: Σ x_i per group
+            acc += d * qx + o * xs[None, :]
+    if EW:
+        y = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    else:
+        y = tl.sum(acc, axis=1)
     if NORM:
         y = y / tl.sqrt(ss / K + eps)
     if RELU:
@@ -98,25 +108,40 @@ def qgemv(P, P16, X, H_, NW, Y, N, K, RB, K_PER, eps, NORM: tl.constexpr, ACC: t
 @triton.jit
 def qgate_up(P, P16, X, H_, NW, A, S, k, D, RB, eps, NORM: tl.constexpr, WRITE_S: tl.constexpr,
              BITS: tl.constexpr, ASYM: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr):
-    # W [2k, D]: slot n's gate row at 2n, up row at 2n + 1. A[n] = silu(g_n) · u_n (S[n] = silu(g_n))
+             BLOCK_K: tl.constexpr, EW: tl.constexpr = False):
+    # W [2k, D]: slot n's gate row at 2n, up row at 2n + 1. A[n] = silu(g_n) · u_n (S[n] = silu(g_n));
+    # EW as in qgemv
     NGB: tl.constexpr = BLOCK_K // GS
+    H: tl.constexpr = GS // 2
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = n < k
     accg = tl.zeros((BLOCK_N, NGB), dtype=tl.float32)
     accu = tl.zeros((BLOCK_N, NGB), dtype=tl.float32)
+    accg3 = tl.zeros((BLOCK_N, NGB if EW else 1, H if EW else 1), dtype=tl.float32)
+    accu3 = tl.zeros((BLOCK_N, NGB if EW else 1, H if EW else 1), dtype=tl.float32)
     ss = 0.0
     for k0 in range(0, D, BLOCK_K):
         xa, xb, s2 = _xtile(X, H_, NW, k0, D, NORM, GS, NGB)
         ss += s2
-        xs = tl.sum(xa + xb, axis=1)
-        lo, hi, d, o, gmask = _tile(P, P16, 2 * n, nm, k0, D, RB, BITS, ASYM, GS, NGB)
-        accg += d * tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2) + o * xs[None, :]
-        lo, hi, d, o, gmask = _tile(P, P16, 2 * n + 1, nm, k0, D, RB, BITS, ASYM, GS, NGB)
-        accu += d * tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2) + o * xs[None, :]
-    g = tl.sum(accg, axis=1)
-    u = tl.sum(accu, axis=1)
+        if EW:
+            xab = (xa + xb)[None, :, :]
+            lo, hi, d, o, gmask = _tile(P, P16, 2 * n, nm, k0, D, RB, BITS, ASYM, GS, NGB)
+            accg3 += d[:, :, None] * (lo * xa[None, :, :] + hi * xb[None, :, :]) + o[:, :, None] * xab
+            lo, hi, d, o, gmask = _tile(P, P16, 2 * n + 1, nm, k0, D, RB, BITS, ASYM, GS, NGB)
+            accu3 += d[:, :, None] * (lo * xa[None, :, :] + hi * xb[None, :, :]) + o[:, :, None] * xab
+        else:
+            xs = tl.sum(xa + xb, axis=1)
+            lo, hi, d, o, gmask = _tile(P, P16, 2 * n, nm, k0, D, RB, BITS, ASYM, GS, NGB)
+            accg += d * tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2) + o * xs[None, :]
+            lo, hi, d, o, gmask = _tile(P, P16, 2 * n + 1, nm, k0, D, RB, BITS, ASYM, GS, NGB)
+            accu += d * tl.sum(lo * xa[None, :, :] + hi * xb[None, :, :], axis=2) + o * xs[None, :]
+    if EW:
+        g = tl.sum(tl.sum(accg3, axis=2), axis=1)
+        u = tl.sum(tl.sum(accu3, axis=2), axis=1)
+    else:
+        g = tl.sum(accg, axis=1)
+        u = tl.sum(accu, axis=1)
     if NORM:
         r = 1.0 / tl.sqrt(ss / D + eps)
         g = g * r
