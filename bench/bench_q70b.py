@@ -365,6 +365,40 @@ class NvSampler:
         self.t.join()
 
 
+def add_peer(path: Path, jsonl: Path, note: str) -> None:
+    """Put llama.cpp's results (../shared/anchors/llamacpp/run.sh's jsonl) beside hotcold's, with the ratios:
+    the -ngl config with the most GPU layers that held no more than the cap, and -ngl n_layer + 1."""
+    res = json.loads(path.read_text())
+    rows = [json.loads(l) for l in jsonl.read_text().splitlines() if l.strip()]
+    L = res["settings"]["layers"]
+    cap_mib = float(res["settings"]["cap"]) * 1024
+    peer = [{"n_gpu_layers": r["n_gpu_layers"], "ms_per_token": 1e3 / r["avg_ts"], "tokens_per_s": r["avg_ts"],
+             "gpu_mib_peak": r["gpu_mib_peak"], "n_threads": r.get("n_threads"), "type": r.get("type_k"),
+             "model_size": r.get("model_size"), "build": r.get("build_commit")} for r in rows]
+    res["llamacpp"] = {"runs": peer, "note": note, "file": str(jsonl)}
+    part = [p for p in peer if p["n_gpu_layers"] <= L]
+    full = [p for p in peer if p["n_gpu_layers"] > L]
+    cmp = {}
+    for name, r in res["runs"].items():
+        if "ms_per_token" not in r:
+            continue
+        ref = full[0] if name == "all-gpu" and full else (max(part, key=lambda p: p["n_gpu_layers"]) if part else None)
+        if ref is None:
+            continue
+        cmp[name] = {"llamacpp_ngl": ref["n_gpu_layers"], "llamacpp_ms_per_token": ref["ms_per_token"],
+                     "llamacpp_gpu_GiB_peak": ref["gpu_mib_peak"] / 1024, "hotcold_ms_per_token": r["ms_per_token"],
+                     "hotcold_gpu_GiB_peak": r.get("gpu_peak_GiB"),
+                     "speedup_tokens_per_s": ref["ms_per_token"] / r["ms_per_token"],
+                     "hotcold_holds_no_more": (r.get("gpu_peak_GiB") or 1e9) * 1024 <= ref["gpu_mib_peak"]}
+    res["vs_llamacpp"] = cmp
+    res["cap_GiB"] = cap_mib / 1024
+    save(res, path)
+    for k, v in cmp.items():
+        log(f"{k}: {v['speedup_tokens_per_s']:.2f}x llama.cpp -ngl {v['llamacpp_ngl']} "
+            f"({v['hotcold_ms_per_token']:.1f} vs {v['llamacpp_ms_per_token']:.1f} ms/token; GPU "
+            f"{v['hotcold_gpu_GiB_peak']:.2f} vs {v['llamacpp_gpu_GiB_peak']:.2f} GiB)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prepare", help="map the profiles into this folder and stop (CPU machine)")
@@ -388,7 +422,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--rates", help=argparse.SUPPRESS)
+    ap.add_argument("--add-peer", nargs=2, metavar=("RESULT_JSON", "LLAMACPP_JSONL"),
+                    help="put llama.cpp's results beside a result of this script, with the ratios")
+    ap.add_argument("--peer-note", default="")
     a = ap.parse_args()
+    if a.add_peer:
+        add_peer(Path(a.add_peer[0]), Path(a.add_peer[1]), a.peer_note)
+        return
     if a.rates:
         save(measure_rates(a.quant, a.cpu_threads), Path(a.rates))
         return

@@ -8,6 +8,8 @@ set -u
 OUT=${OUT:?set OUT}
 DEADLINE=${DEADLINE:-560}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# one growing segment per stream instead of fixed-size blocks: what the process holds stays near what it allocated
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 mkdir -p "$OUT"
 { date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; nproc; free -g | head -2;
   lscpu | grep -E "Model name|Flags" | cut -c1-400;
