@@ -1,4 +1,4 @@
-"""hotcold.accel on the CPU at toy shapes: the same engine, kernels and migration code the GPU runs."""
+"""hotcold.runtime on the CPU at toy shapes: the same engine, kernels and migration code the GPU runs."""
 
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ STATIC = ("profile", "fixed", "adaptive")
 
 
 # ---- the dynamic mode's rule -----------------------------------------------------------------------
-DYNAMIC_MODULES = ("hotcold.runtime.dynamic", "hotcold.accel.dynamic")  # where DynamicPlacement lives (or lived)
+DYNAMIC_MODULES = ("hotcold.runtime.dynamic", "hotcold.runtime.dynamic")  # where DynamicPlacement lives (or lived)
 DYNAMIC_KEYS = ("every", "alpha", "hysteresis", "max_swaps", "horizon", "margin")
 
 
