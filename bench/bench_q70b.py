@@ -266,7 +266,8 @@ def measure_rates(quant: str, threads: int | None) -> dict:
     from hotcold.quant import random_qtensor
     from hotcold.qformat import parse_format
     from hotcold.runtime.build import quantized_cpu_layer
-    from hotcold.runtime.calib import _t, device_numbers, read_ceiling
+    from hotcold.devices import median_time as _t
+    from hotcold.runtime.calib import device_numbers, read_ceiling
     from hotcold.runtime.qkernels import QColdKernel
 
     cfg = shape(SHAPE)

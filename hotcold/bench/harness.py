@@ -177,6 +177,7 @@ def run_bench(o: BenchOptions) -> dict[str, Any]:
 
 def start(o: BenchOptions) -> BenchContext:
     """The N-layer model, device, dtype and hardware of `o`, and the result's header."""
+    from hotcold.devices import resolve_device
     from hotcold.memory import canonical_dtype, default_predictor_rank
     from hotcold.model.config import shape
     from hotcold.runtime.coldkernel import default_dynamic, default_group
@@ -186,8 +187,7 @@ def start(o: BenchOptions) -> BenchContext:
     full = shape(o.shape)
     cfg = full.replace(n_layers=o.n_layers, max_seq_len=max(o.max_len, 64))
     dt_name = canonical_dtype(o.dtype)
-    dev = torch.device("cuda" if (o.device == "auto" and torch.cuda.is_available()) else
-                       ("cpu" if o.device == "auto" else o.device))
+    dev = resolve_device(o.device)
     hw = resolve(path=o.hardware) if str(o.hardware).endswith(".json") else resolve(preset_name=o.hardware)
     rank = o.predictor_rank or default_predictor_rank(cfg)
     res: dict[str, Any] = {"benchmark": "hotcold bench: hybrid GPU+CPU decode vs baselines, batch 1",
@@ -200,10 +200,6 @@ def start(o: BenchOptions) -> BenchContext:
                            "dtype": dt_name, "device": str(dev), "max_len": o.max_len, "runs": {},
                            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": platform.node(),
                            "torch": torch.__version__, "cpu_count": os.cpu_count()}
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from hotcold.errors import InputError
-
-        raise InputError("--device cuda was asked for but this torch sees no CUDA device", "use --device cpu or auto")
     if dev.type == "cuda":
         res["gpu_name"] = torch.cuda.get_device_name(dev)
     return BenchContext(o=o, cfg=cfg, full=full, dev=dev, dtype=getattr(torch, dt_name), dt_name=dt_name, hw=hw,

@@ -8,14 +8,13 @@ from __future__ import annotations
 import gc
 import os
 import resource
-import statistics
-import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 from hotcold.bench.fits import predict_ms
+from hotcold.devices import median_time, synchronize
 from hotcold.bench.weights import build_model
 from hotcold.memory import neuron_bytes
 from hotcold.model.random import F_CAP, GATE_T
@@ -26,22 +25,12 @@ if TYPE_CHECKING:
 
 # ---- timing ------------------------------------------------------------------------------------
 def _sync(dev) -> None:
-    if torch.device(dev).type == "cuda":
-        torch.cuda.synchronize(dev)
+    synchronize(dev)
 
 
 def _median_time(fn: Callable[[], Any], reps: int, dev, warm: int = 2) -> float:
     """Median seconds of `reps` calls of fn after `warm` untimed ones, the device synchronised around each."""
-    for _ in range(warm):
-        fn()
-    _sync(dev)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return median_time(fn, reps, dev, warm)
 
 
 # ---- memory ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from hotcold.artifacts import atomic_dir, file_record, sha256_json, write_manifest
+from hotcold.devices import torch_dtypes
 from hotcold.errors import IncompatibleError, InputError
 from hotcold import bundle as fmt
 from hotcold.exporter import thresholds as th
@@ -26,7 +27,7 @@ from hotcold.model.config import ModelConfig
 from hotcold.model.weights import WeightSource
 from hotcold.quant import hcat
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = torch_dtypes()  # canonical name -> torch dtype (hotcold.devices)
 EXPORT_DTYPES = tuple(TORCH_DTYPES) + ("q4", "q8", "q4a", "q8a")  # quantized: any hotcold.quant format name
 
 

@@ -13,28 +13,19 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 
 def torch_dtype(name: str):
-    import torch
-
+    from hotcold.devices import torch_dtype as to_torch
     from hotcold.errors import InputError
 
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in table:
+    if name not in DTYPES:
         raise InputError(f"unknown dtype {name!r}", f"use one of: {', '.join(DTYPES)}")
-    return table[name]
+    return to_torch(name)
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """'cpu' or 'cuda' (hotcold.devices.resolve_device's checks)."""
+    from hotcold.devices import resolve_device as resolve
 
-    from hotcold.errors import InputError
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available", "use --device cpu")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {device!r}", "use cpu, cuda or auto")
-    return device
+    return resolve(device).type
 
 
 def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:

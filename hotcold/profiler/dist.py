@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from hotcold.errors import InputError
 
 
 @dataclass
@@ -80,16 +79,10 @@ class DistContext:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    d = (device or "cpu").lower()
-    if d == "auto":
-        d = "cuda" if torch.cuda.is_available() else "cpu"
-    if d.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: no CUDA device is available here", "use --device cpu or auto")
-        return torch.device("cuda", local_rank) if d == "cuda" else torch.device(d)
-    if d != "cpu":
-        raise InputError(f"unknown device {device!r}", "use cpu, cuda or auto")
-    return torch.device("cpu")
+    """hotcold.devices.resolve_device, a bare 'cuda' meaning this rank's GPU."""
+    from hotcold.devices import resolve_device as resolve
+
+    return resolve(device or "cpu", local_rank)
 
 
 def init_distributed(device: str = "cpu") -> DistContext:

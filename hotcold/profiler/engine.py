@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hotcold.devices import torch_dtypes
 from hotcold.artifacts import sha256_json
 from hotcold.errors import InputError
 from hotcold.model.weights import WeightSource
@@ -58,7 +59,7 @@ NB = HISTOGRAM["bins"] + 2  # histogram bins per layer (under, log-spaced, over)
 PREFILL, DECODE = 0, 1
 DEFAULT_CHECKPOINT_EVERY = 16  # prompts; a checkpoint costs one small file write
 DEFAULT_CALIBRATION = {"generate": 4, "teacher-forced": 16}  # prompts (see the module docstring)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = torch_dtypes()  # canonical name -> torch dtype (hotcold.devices)
 CHECKPOINT_VERSION = 1
 
 # (prompts done, prompts total, tokens done) on this rank

@@ -27,24 +27,11 @@ import torch
 from hotcold.errors import InputError
 from hotcold.model.config import ModelConfig
 from hotcold.model.weights import WeightSource
+from hotcold.devices import resolve_device, torch_dtypes  # noqa: F401 - resolve_device: re-exported (bench, cli)
 from hotcold.quant import QFormat, QTensor, hcat, parse_format, quantize, random_qtensor
 from hotcold.runtime.model import CpuLayer, GpuLayer, HybridModel, weight_bytes
 
-DEVICES = ("auto", "cuda", "cpu")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """auto -> cuda when present, else cpu; a clear error for cuda without a GPU or an unknown name."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available", "use --device auto or cpu")
-    if device not in DEVICES:
-        raise InputError(f"unknown device {device!r}", f"use one of: {', '.join(DEVICES)}")
-    return torch.device(device)
+TORCH_DTYPES = torch_dtypes()
 
 
 def fits_in_memory(nbytes: int, share: float = 0.5) -> bool:

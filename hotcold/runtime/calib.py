@@ -18,18 +18,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from hotcold.devices import median_time
 
-def _t(fn: Callable[[], Any], reps: int, sync: Callable[[], None] = lambda: None, warm: int = 2) -> float:
-    for _ in range(warm):
-        fn()
-    sync()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+
+def _t(fn: Callable[[], Any], reps: int, sync: Callable[[], None] | None = None, warm: int = 2) -> float:
+    return median_time(fn, reps, sync, warm)
 
 
 def cold_kernel_table(dim: int = 8192, rows: int = 22938, density: float = 0.10,

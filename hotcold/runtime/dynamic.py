@@ -184,8 +184,8 @@ class DynamicPlacement:
     def host_s_per_neuron(self) -> float:
         """The host's marginal time per moved neuron: its rows gathered and scattered on the CPU (read and
         written) at the cost model's CPU bandwidth. Not the measured average (start + commit) / neurons: most
-        of that is a fixed cost per migration (launches, one sync), and charging it per neuron made small
-        migrations look unpayable (device run 4: 34 µs per neuron over 319 neurons vs 6 µs over 21,256)."""
+        of that is a fixed cost per migration (launches, one sync), and charging it per neuron makes small
+        migrations look unpayable (the measurements: docs/gpu.md)."""
         return 4 * self.neuron_bytes / self.cm.hw.cpu.bandwidth
 
     @property

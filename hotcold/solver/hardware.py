@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from hotcold.devices import median_time
 from hotcold.errors import IncompatibleError, InputError
 from hotcold.memory import canonical_dtype
 
@@ -178,8 +179,8 @@ PRESETS: dict[str, HardwareSpec] = {
                "link.sync_seconds": "measured: 32 KB round trip + sync 15.7 us (hotcold calibrate: 14.2 us)",
                "link.host_overhead_seconds": "0: device rates only; h200-decode adds what the engine measured",
                "reserve_bytes": "assumed: 1 GiB CUDA context and allocator slack, 4 GiB for the OS"}),
-    # What hotcold's engine achieved on the same machine at batch-1 decode (70B shape, issue 6, run 2 of
-    # bench/DEVICE_NOTES.md; bench/results/hw_h200_fitted_run2.json): the rates that predict its ms/token.
+    # What hotcold's engine achieved on the same machine at batch-1 decode, 70B shape: the rates that predict
+    # its ms/token (where they come from: docs/gpu.md, bench/results/hw_h200_fitted_run2.json).
     "h200-decode": HardwareSpec(
         name="h200-decode",
         gpu=GpuSpec(name="NVIDIA H200", memory_bytes=150_109_880_320, bandwidth=3.26e12, sparse_bandwidth=2.4e12,
@@ -220,22 +221,6 @@ def resolve(preset_name: str | None = None, path: str | Path | None = None) -> H
 
 
 # ---- calibration ------------------------------------------------------------------------------
-def _median_time(fn: Callable[[], Any], repeat: int, sync: Callable[[], None] = lambda: None,
-                 deadline: float | None = None) -> float:
-    fn()
-    sync()  # warm-up excluded
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-        if deadline is not None and time.perf_counter() > deadline and len(times) >= 3:
-            break
-    times.sort()
-    return times[len(times) // 2]
-
-
 def _total_ram() -> int:
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -282,8 +267,8 @@ def calibrate(dtype: str | None = None, seconds: float = 40.0, threads: int | No
     x = torch.full((1, dim), 0.5, dtype=tdtype)
     nbytes = w.numel() * w.element_size()
     log(f"CPU: {n_threads} threads, {nbytes / GiB:.2f} GiB working set")
-    t_read = _median_time(lambda: w.sum(), 5, deadline=deadline)
-    t_lin = _median_time(lambda: F.linear(x, w), 5, deadline=deadline)
+    t_read = median_time(lambda: w.sum(), 5, deadline=deadline)
+    t_lin = median_time(lambda: F.linear(x, w), 5, deadline=deadline)
     m["cpu_read_GBps"] = nbytes / t_read / 1e9
     m["cpu_linear_GBps"] = nbytes / t_lin / 1e9
     log(f"CPU: read {m['cpu_read_GBps']:.1f} GB/s, {dtype} matrix-vector {m['cpu_linear_GBps']:.1f} GB/s")
@@ -310,19 +295,19 @@ def calibrate(dtype: str | None = None, seconds: float = 40.0, threads: int | No
         gw = torch.full((8 * 8192, 8192), 0.5, device=dev, dtype=tdtype)  # 1 GiB in fp16
         gx = torch.full((1, 8192), 0.5, device=dev, dtype=tdtype)
         gbytes = gw.numel() * gw.element_size()
-        t = _median_time(lambda: F.linear(gx, gw), 20, sync, deadline)
+        t = median_time(lambda: F.linear(gx, gw), 20, sync, deadline=deadline)
         m["gpu_linear_GBps"] = gbytes / t / 1e9
         sparse = {}
         for frac in (0.05, 0.1, 0.2):
             idx = torch.randperm(gw.shape[0], device=dev)[: int(gw.shape[0] * frac)].sort().values
-            t = _median_time(lambda: F.linear(gx, gw.index_select(0, idx)), 20, sync, deadline)
+            t = median_time(lambda: F.linear(gx, gw.index_select(0, idx)), 20, sync, deadline=deadline)
             sparse[str(frac)] = idx.numel() * gw.shape[1] * gw.element_size() / t / 1e9
         m["gpu_sparse_GBps"] = sparse
         gw = None
         host = torch.empty(256 * 2**20, dtype=torch.uint8).pin_memory()
         devbuf = torch.empty_like(host, device=dev)
-        t_h2d = _median_time(lambda: devbuf.copy_(host, non_blocking=True), 10, sync, deadline)
-        t_d2h = _median_time(lambda: host.copy_(devbuf, non_blocking=True), 10, sync, deadline)
+        t_h2d = median_time(lambda: devbuf.copy_(host, non_blocking=True), 10, sync, deadline=deadline)
+        t_d2h = median_time(lambda: host.copy_(devbuf, non_blocking=True), 10, sync, deadline=deadline)
         m["pcie_h2d_GBps"], m["pcie_d2h_GBps"] = host.numel() / t_h2d / 1e9, host.numel() / t_d2h / 1e9
         small_h = torch.empty(32 * 1024, dtype=torch.uint8).pin_memory()
         small_d = torch.empty_like(small_h, device=dev)
@@ -332,7 +317,7 @@ def calibrate(dtype: str | None = None, seconds: float = 40.0, threads: int | No
             small_h.copy_(small_d, non_blocking=True)
             sync()
 
-        m["sync_round_trip_us"] = _median_time(round_trip, 200, deadline=deadline) * 1e6
+        m["sync_round_trip_us"] = median_time(round_trip, 200, deadline=deadline) * 1e6
         gpu = GpuSpec(name=props.name, memory_bytes=int(total), bandwidth=m["gpu_linear_GBps"] * 1e9,
                       sparse_bandwidth=min(sparse.values()) * 1e9, reserve_bytes=int(total - free))
         link = LinkSpec(pcie_bandwidth=min(m["pcie_h2d_GBps"], m["pcie_d2h_GBps"]) * 1e9,

@@ -360,15 +360,10 @@ def run_study(cfg: StudyConfig, log: Log = lambda s: None, progress: Callable[[s
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """'cpu' or 'cuda' (hotcold.devices.resolve_device's checks)."""
+    from hotcold.devices import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {device!r}", "use cpu, cuda or auto")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda, but torch sees no CUDA device here", "use --device cpu or auto")
-    return device
+    return resolve(device).type
 
 
 def _engine_decode(eng, speed_ids: list[int], n: int, rounds: int = 3) -> float:
