@@ -434,3 +434,20 @@ def test_predictor_mode_on_quantized_rows(src):
         logits[mode] = torch.stack(out)
         assert 0 < m.report()["decode"]["active_fraction"] < 1
     torch.testing.assert_close(logits["predictor"], logits["threshold"], atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_model_with_a_tied_float16_head_decodes_on_the_cpu():
+    """A tied head stays the float16 embedding while a quantized model computes in float32 (SmolLM2's
+    q4 Bundles): step() and forward() give the same logits as the head applied by hand."""
+    from hotcold.model.config import shape
+    from hotcold.runtime.build import random_quantized_model
+
+    cfg = shape("tiny").replace(tie_embeddings=True, n_layers=2)
+    eng = random_quantized_model(cfg, [cfg.n_ff // 2] * 2, "q4", device="cpu", max_len=32)
+    assert eng.head.dtype == torch.float16 and eng.dtype == torch.float32
+    eng.reset()
+    eng.step(3)
+    a = eng.logits.clone()
+    b = eng.forward(torch.tensor([[3]]))[0, -1]
+    assert torch.isfinite(a).all() and a.abs().max() > 0
+    torch.testing.assert_close(a, b.float(), atol=2e-2, rtol=2e-2)

@@ -538,13 +538,18 @@ class HybridModel:
         self._hot_activity(l, s, a)
         ops.vecmat_add(a, g.hot_down, self.h)
 
+    def _head_dtype(self) -> torch.dtype:
+        """The head's input dtype: the activations', except a float head tied to the embedding of a
+        quantized model (float16 while activations are float32), whose dtype the input takes."""
+        return self.head.dtype if isinstance(self.head, torch.Tensor) else self.dtype
+
     def _head(self) -> None:
         if self.split(self.L - 1):
             self._receive()
         if self.ops is not None:
             self._gemv(self.head, self.logits, h=self.h, nw=self.norm, eps=self.cfg.norm_eps)
         else:
-            xn = rms_norm(self.h, self.norm.float(), self.cfg.norm_eps).to(self.dtype)
+            xn = rms_norm(self.h, self.norm.float(), self.cfg.norm_eps).to(self._head_dtype())
             self.logits.copy_(linear(xn, self.head).float())
         self.tok.copy_(self.logits.argmax().view(1))
         self.pos.add_(1)
@@ -863,7 +868,7 @@ class HybridModel:
             h = h + self._ffn_batch(l, x, sparse).float().view(B, T, cfg.dim)
         if last_only:
             h = h[:, -1:]
-        logits = linear(rms_norm(h, self.norm.float(), cfg.norm_eps).to(self.dtype), self.head).float()
+        logits = linear(rms_norm(h, self.norm.float(), cfg.norm_eps).to(self._head_dtype()), self.head).float()
         st.end(t0)
         return logits
 
