@@ -49,14 +49,8 @@ GiB = 1 << 30
 SHAPE = "llama2-70b"
 
 
-def log(s: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)
-
-
-def save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)) + "\n")
-    os.replace(tmp, path)
+from benchkit import log  # bench/ is on sys.path when a script here runs
+from hotcold.bench.harness import save_json as save
 
 
 # ---- here: the workloads ------------------------------------------------------------------------
