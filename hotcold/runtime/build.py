@@ -31,6 +31,8 @@ from hotcold.devices import resolve_device, torch_dtypes  # noqa: F401 - resolve
 from hotcold.quant import QFormat, QTensor, hcat, parse_format, quantize, random_qtensor
 from hotcold.runtime.model import CpuLayer, GpuLayer, HybridModel, weight_bytes
 
+CHUNK = 4096  # rows a random model generates at a time on its device (cold rows, the embedding)
+
 TORCH_DTYPES = torch_dtypes()
 
 
@@ -201,6 +203,23 @@ def random_quantized_model(cfg: ModelConfig, n_hot: Sequence[int], quant: str | 
     def rq(rows: int, cols: int) -> QTensor:
         return random_qtensor(rows, cols, fmt, std=std, device=dev, seed=next(seeds))
 
+    def cold_layer(c: int, k: int) -> CpuLayer:
+        # generated CHUNK rows at a time into the host buffers, so that the GPU never holds more than a
+        # chunk of them: the peak GPU memory of a build is what the model keeps
+        s_g, s_u, s_d = next(seeds), next(seeds), next(seeds)
+        ids = np.arange(k, F_, dtype=np.int64)
+        if c <= CHUNK:
+            return quantized_cpu_layer(*(random_qtensor(c, D, fmt, std=std, device=dev, seed=s)
+                                         for s in (s_g, s_u, s_d)), ids, pin)
+        gate = torch.empty(c, fmt.row_bytes(D), dtype=torch.uint8, pin_memory=pin)
+        ud = torch.empty(c, fmt.row_bytes(2 * D), dtype=torch.uint8, pin_memory=pin)
+        for i, r0 in enumerate(range(0, c, CHUNK)):
+            n = min(CHUNK, c - r0)
+            part = [random_qtensor(n, D, fmt, std=std, device=dev, seed=s * 7919 + i) for s in (s_g, s_u, s_d)]
+            gate[r0:r0 + n].copy_(part[0].packed)
+            ud[r0:r0 + n].copy_(hcat(part[1], part[2]).packed)
+        return CpuLayer(cold_ids=ids, gate=QTensor(gate, fmt, (c, D)), up_down=QTensor(ud, fmt, (c, 2 * D)))
+
     gls, cls = [], []
     for l in range(L):
         k = int(n_hot[l])
@@ -208,10 +227,14 @@ def random_quantized_model(cfg: ModelConfig, n_hot: Sequence[int], quant: str | 
         gls.append(GpuLayer(attn_norm=ones, ffn_norm=ones.clone(), wqkv=rq(q + 2 * kv, D), wo=rq(D, q),
                             bqkv=torch.zeros(q + 2 * kv, dtype=torch.float32, device=dev) if cfg.qkv_bias else None,
                             hot_gu=rq(2 * k, D), hot_down=rq(k, D), hot_ids=np.arange(k, dtype=np.int64)))
-        c = F_ - k
-        cls.append(quantized_cpu_layer(rq(c, D), rq(c, D), rq(c, D), np.arange(k, F_, dtype=np.int64), pin))
+        cls.append(cold_layer(F_ - k, k))
     g = torch.Generator(device=dev).manual_seed(seed)
-    embed = (torch.randn(cfg.vocab_size, D, generator=g, device=dev) * std).to(torch.float16)
+    if cfg.vocab_size <= CHUNK:
+        embed = (torch.randn(cfg.vocab_size, D, generator=g, device=dev) * std).to(torch.float16)
+    else:  # float16 chunk by chunk: no float32 copy of the whole table on the GPU
+        embed = torch.empty(cfg.vocab_size, D, dtype=torch.float16, device=dev)
+        for r0 in range(0, cfg.vocab_size, CHUNK):
+            embed[r0:r0 + CHUNK].copy_(torch.randn(min(CHUNK, cfg.vocab_size - r0), D, generator=g, device=dev) * std)
     head = embed if cfg.tie_embeddings else rq(cfg.vocab_size, D)
     account = placement_bytes(cfg, list(n_hot), fmt.name, ctx_len=max_len)
     return HybridModel(cfg, embed, torch.ones(D, dtype=torch.float32, device=dev), head, gls, cls, max_len=max_len,

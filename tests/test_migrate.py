@@ -1,0 +1,95 @@
+"""Moving quantized neurons between the GPU slots and the CPU slots (hotcold.runtime.migrate): the bytes of
+a neuron survive the trip both ways, and in exact mode the model computes the same whatever moved."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hotcold.errors import InputError
+from hotcold.model.config import shape
+from hotcold.quant import parse_format, random_qtensor, hcat
+from hotcold.runtime import build
+from hotcold.runtime.migrate import rehome, split_cols, swap_neurons
+
+IDS = [[1, 5, 9, 2, 7, 3]]
+
+
+@pytest.mark.parametrize("q", ["q4", "q4a", "q8"])
+def test_split_cols_inverts_hcat(q):
+    fmt = parse_format(q)
+    a, b = random_qtensor(5, 64, fmt, seed=1), random_qtensor(5, 96, fmt, seed=2)
+    x, y = split_cols(hcat(a, b), 64)
+    assert torch.equal(x.packed, a.packed) and torch.equal(y.packed, b.packed)
+
+
+def _model(q, monkeypatch, cold_mode="exact"):
+    monkeypatch.setattr(build, "CHUNK", 24)  # the chunked generation path, at toy size
+    cfg = shape("tiny")
+    n_hot = [cfg.n_ff // 4, cfg.n_ff // 2, 0, cfg.n_ff - 1][: cfg.n_layers]
+    n_hot += [cfg.n_ff // 3] * (cfg.n_layers - len(n_hot))
+    return build.random_quantized_model(cfg, n_hot, q, device="cpu", max_len=32, cold_mode=cold_mode,
+                                        cpu_backend="torch", seed=3)
+
+
+def _snapshot(eng):
+    """Each neuron's bytes, by id: (gate row, up row, down column) wherever it lives."""
+    from hotcold.quant import QTensor
+
+    D, out = eng.cfg.dim, []
+    for g, c in zip(eng.gl, eng.cl):
+        rows = {}
+        gu = g.hot_gu.packed
+        for s, n in enumerate(g.hot_ids):
+            rows[int(n)] = (gu[2 * s].clone(), gu[2 * s + 1].clone(), g.hot_down.packed[s].clone())
+        if c.n_cold:
+            up, down = split_cols(QTensor(c.up_down.packed, c.gate.fmt, (c.n_cold, 2 * D)), D)
+            for j, n in enumerate(c.cold_ids):
+                rows[int(n)] = (c.gate.packed[j].clone(), up.packed[j].clone(), down.packed[j].clone())
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("q", ["q4", "q4a"])
+def test_swap_keeps_every_neuron_and_the_output(q, monkeypatch):
+    eng = _model(q, monkeypatch)
+    x = torch.tensor(IDS)
+    before, snap = eng.forward(x), _snapshot(eng)
+    rng = np.random.default_rng(0)
+    moved = 0
+    for l in range(eng.L):
+        m = min(eng.gl[l].n_hot, eng.cl[l].n_cold, 7)
+        hs = rng.choice(eng.gl[l].n_hot, m, replace=False) if m else np.zeros(0, np.int64)
+        cs = rng.choice(eng.cl[l].n_cold, m, replace=False) if m else np.zeros(0, np.int64)
+        want_hot = set(eng.gl[l].hot_ids.tolist()) - set(eng.gl[l].hot_ids[hs].tolist()) | set(eng.cl[l].cold_ids[cs].tolist())
+        b = swap_neurons(eng, l, hs, cs)
+        assert b == 2 * m * 3 * eng.cl[l].gate.fmt.row_bytes(eng.cfg.dim)
+        assert set(eng.gl[l].hot_ids.tolist()) == want_hot
+        assert torch.equal(eng.hot_ids_dev[l].cpu(), torch.as_tensor(eng.gl[l].hot_ids))
+        moved += m
+    assert moved > 0
+    after = _snapshot(eng)
+    for l in range(eng.L):
+        assert after[l].keys() == snap[l].keys()
+        for n, rows in snap[l].items():
+            assert all(torch.equal(a, b) for a, b in zip(rows, after[l][n])), (l, n)
+    torch.testing.assert_close(eng.forward(x), before, rtol=1e-4, atol=1e-4)
+
+
+def test_rehome_there_and_back(monkeypatch):
+    eng = _model("q4", monkeypatch)
+    x = torch.tensor(IDS)
+    before = eng.forward(x)
+    l = 0
+    orig = eng.gl[l].hot_ids.copy()
+    rng = np.random.default_rng(1)
+    new = rng.choice(eng.cfg.n_ff, len(orig), replace=False)
+    st = rehome(eng, l, new)
+    assert set(eng.gl[l].hot_ids.tolist()) == set(new.tolist())
+    assert st.neurons == len(set(new.tolist()) - set(orig.tolist())) > 0
+    torch.testing.assert_close(eng.forward(x), before, rtol=1e-4, atol=1e-4)
+    back = rehome(eng, l, orig)
+    assert back.neurons == st.neurons and set(eng.gl[l].hot_ids.tolist()) == set(orig.tolist())
+    with pytest.raises(InputError, match="hot slots"):
+        rehome(eng, l, orig[:-1])
