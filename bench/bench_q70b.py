@@ -51,6 +51,7 @@ SHAPE = "llama2-70b"
 
 from benchkit import log  # bench/ is on sys.path when a script here runs
 from hotcold.bench.harness import save_json as save
+from hotcold.study.scale import NvSampler, gpu_used, hot_first, machine_spec, measure_rates
 
 
 # ---- here: the workloads ------------------------------------------------------------------------
@@ -84,15 +85,6 @@ def prepare(work: Path, hotsets: Path, layers: int, seed: int) -> None:
 
 
 # ---- the GPU machine: one run per process -------------------------------------------------------
-def hot_first(f_place: np.ndarray, hot: np.ndarray) -> np.ndarray:
-    """Per layer: a neuron order with the hot neurons first (hottest first), then the cold ones (hottest first)."""
-    perm = []
-    for l in range(f_place.shape[0]):
-        o = np.argsort(-f_place[l], kind="stable")
-        perm.append(np.concatenate([o[hot[l][o]], o[~hot[l][o]]]))
-    return np.stack(perm)
-
-
 def workload(name: str, work: Path, L: int, n_ff: int, k_total: int, seed: int, relu_density: float):
     """(f_place, f_run, note): the frequencies the hot set is chosen from and those the run draws from."""
     from hotcold.workloads import frequencies as wl
@@ -106,13 +98,6 @@ def workload(name: str, work: Path, L: int, n_ff: int, k_total: int, seed: int, 
     gamma = wl.density_power(f0, ~hot0, relu_density)
     f = np.clip(f0, 0, 1) ** gamma
     return f, f, f"synthetic power law, gamma {gamma:.3f} so that cold neurons fire {relu_density:.2f} of the time"
-
-
-def gpu_used() -> int:
-    import torch
-
-    free, total = torch.cuda.mem_get_info()
-    return total - free
 
 
 def tune_thresholds(eng, target: np.ndarray, rounds: int = 22) -> list[float]:
@@ -251,115 +236,6 @@ def child(spec: dict) -> dict:
     return r
 
 
-# ---- the GPU machine: rates measured before the runs -----------------------------------------
-def measure_rates(quant: str, threads: int | None) -> dict:
-    """GPU read rate and q4 GEMV rate; CPU read ceiling and the q4 cold kernel's rates on one 70B layer."""
-    import torch
-
-    from hotcold.model.config import shape
-    from hotcold.quant import random_qtensor
-    from hotcold.qformat import parse_format
-    from hotcold.runtime.build import quantized_cpu_layer
-    from hotcold.devices import median_time as _t
-    from hotcold.runtime.calib import device_numbers, read_ceiling
-    from hotcold.runtime.qkernels import QColdKernel
-
-    cfg = shape(SHAPE)
-    fmt = parse_format(quant)
-    m = device_numbers(log)
-    D, rows = cfg.dim, cfg.n_ff // 2
-    cuda = torch.cuda.is_available()
-    if cuda:
-        from hotcold.runtime.qtriton import QGpuOps
-
-        dev = torch.device("cuda")
-        ops = QGpuOps(dev)
-        w = random_qtensor(2 * cfg.n_ff, D, fmt, device=dev, seed=1)
-        x = torch.randn(D, device=dev, dtype=torch.float32)
-        y = torch.empty(2 * cfg.n_ff, device=dev, dtype=torch.float32)
-        ops.qgemv(w, y, x=x)
-        m["gpu_q4_gemv_GBps"] = w.packed.numel() / _t(lambda: ops.qgemv(w, y, x=x), 50, torch.cuda.synchronize) / 1e9
-        log(f"q gemv [{2 * cfg.n_ff}, {D}] {quant}: {m['gpu_q4_gemv_GBps']:.0f} GB/s")
-        k_hot = 14336
-        a = torch.empty(k_hot, device=dev, dtype=torch.float32)
-        wg = random_qtensor(2 * k_hot, D, fmt, device=dev, seed=2)
-        ops.qgate_up(wg, a, x=x)
-        m["gpu_q4_gate_up_GBps"] = wg.packed.numel() / _t(lambda: ops.qgate_up(wg, a, x=x), 50,
-                                                          torch.cuda.synchronize) / 1e9
-        wd = random_qtensor(k_hot, D, fmt, device=dev, seed=3)
-        yd = torch.zeros(D, device=dev, dtype=torch.float32)
-        ops.qvecmat_add(a, wd, yd)
-        m["gpu_q4_vecmat_GBps"] = wd.packed.numel() / _t(lambda: ops.qvecmat_add(a, wd, yd), 50,
-                                                         torch.cuda.synchronize) / 1e9
-        m["gpu_tuning_log"] = ops.tuning_log
-        log(f"q gate_up [{2 * k_hot}, {D}]: {m['gpu_q4_gate_up_GBps']:.0f} GB/s, vecmat [{k_hot}, {D}]: "
-            f"{m['gpu_q4_vecmat_GBps']:.0f} GB/s")
-        del w, x, y, wg, wd
-    pin = cuda
-    gdev = torch.device("cuda") if cuda else torch.device("cpu")
-    qs = [random_qtensor(rows, D, fmt, device=gdev, seed=s) for s in (11, 12, 13)]
-    layer = quantized_cpu_layer(qs[0], qs[1], qs[2], np.arange(rows, dtype=np.int64), pin)
-    del qs
-    k = QColdKernel(D, "auto", threads)
-    k.warm_up(fmt)
-    xh = torch.randn(D, dtype=torch.float32)
-    yh = torch.empty(D, dtype=torch.float32)
-    table = {}
-    for dens in (0.1, 0.45, 0.7):
-        mask = torch.from_numpy((np.random.default_rng(0).random(rows) < dens).astype(np.uint8))
-        res = {}
-        tt = _t(lambda: res.setdefault("r", k.run(layer, xh, "predictor", mask=mask, active=mask, out=yh)), 7)
-        b = k.run(layer, xh, "predictor", mask=mask, active=mask, out=yh).bytes_read
-        table[f"predictor_{dens}"] = {"ms": tt * 1e3, "bytes": b, "GBps": b / tt / 1e9}
-    tt = _t(lambda: k.run(layer, xh, "exact", out=yh), 5)
-    b = k.run(layer, xh, "exact", out=yh).bytes_read
-    table["exact"] = {"ms": tt * 1e3, "bytes": b, "GBps": b / tt / 1e9}
-    m["cpu_q_kernel"] = table
-    m["cpu_read_ceiling"] = read_ceiling([layer.gate.packed, layer.up_down.packed], threads or os.cpu_count(), log)
-    log(f"q cold kernel {quant}: " + ", ".join(f"{k_}: {v['GBps']:.1f} GB/s" for k_, v in table.items()))
-    return m
-
-
-def machine_spec(m: dict, quant_mode_rate: float):
-    """A HardwareSpec of the rates measured here: the q GEMV for the GPU, the q cold kernel for the CPU."""
-    import dataclasses
-
-    from hotcold.runtime.calib import measured_spec
-    from hotcold.solver.hardware import preset
-
-    spec = measured_spec(m, quant_mode_rate, name="h200-measured-q4")
-    if "gpu_q4_gemv_GBps" in m:
-        spec = dataclasses.replace(spec, gpu=dataclasses.replace(spec.gpu, bandwidth=m["gpu_q4_gemv_GBps"] * 1e9))
-    return dataclasses.replace(spec, link=dataclasses.replace(spec.link, host_overhead_seconds=preset(
-        "h200-decode").link.host_overhead_seconds))
-
-
-class NvSampler:
-    """The most GPU memory nvidia-smi shows while it runs (MiB), sampled every 0.25 s."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self.t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                o = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                   capture_output=True, text=True, timeout=5).stdout.split()
-                self.peak = max(self.peak, int(o[0]))
-            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-                pass
-            self._stop.wait(0.25)
-
-    def __enter__(self):
-        self.t.start()
-        return self
-
-    def __exit__(self, *a):
-        self._stop.set()
-        self.t.join()
-
-
 def add_peer(path: Path, jsonl: Path, note: str) -> None:
     """Put llama.cpp's results (../shared/anchors/llamacpp/run.sh's jsonl) beside hotcold's, with the ratios:
     the -ngl config with the most GPU layers that held no more than the cap, and -ngl n_layer + 1."""
@@ -425,7 +301,7 @@ def main() -> None:
         add_peer(Path(a.add_peer[0]), Path(a.add_peer[1]), a.peer_note)
         return
     if a.rates:
-        save(measure_rates(a.quant, a.cpu_threads), Path(a.rates))
+        save(measure_rates(SHAPE, a.quant, a.cpu_threads, log), Path(a.rates))
         return
     if a.child:
         spec = json.loads(Path(a.child).read_text())
@@ -456,7 +332,7 @@ def main() -> None:
     res["rates"] = rates
     hw = None
     if rates:
-        hw = machine_spec(rates, rates["cpu_q_kernel"]["predictor_0.45"]["GBps"])
+        hw = machine_spec(rates, "h200-measured-q4")
         res["hardware_for_predictions"] = hw.to_json()
         read = {"gpu_read_Bps": max(rates["gpu_gemv_GBps"], rates.get("gpu_q4_gemv_GBps", 0)) * 1e9,
                 "cpu_read_Bps": rates["cpu_read_ceiling"]["GBps_median"] * 1e9}

@@ -152,6 +152,20 @@ def test_hotsets_match_a_direct_computation(pair):
             assert sum(r["n_hot"][pol][i]) <= round(s * F * train.n_layers)
     assert set(r["overall"]) == set(CHOICES)
     assert all(0.0 <= v <= 1.0 for c in CHOICES for v in r["overall"][c])
+    # a per-prompt placement copies in, per sequence, the neurons of its top set its predecessor lacked
+    f = train.frequencies("decode")
+    L, S = train.n_layers, ev.sequences["prefill"].shape[0]
+    for i, s in enumerate(r["shares"]):
+        k = round(s * F)
+        moved, prev = 0, [set(np.argsort(-f[l], kind="stable")[:k].tolist()) for l in range(L)]
+        for q in range(S):
+            cur = []
+            for l in range(L):
+                pre = ev.sequences["prefill"][q, l].astype(np.float64)
+                cur.append(set(sorted(range(F), key=lambda j: (-pre[j], -f[l, j], j))[:k]))
+                moved += len(cur[l] - prev[l])
+            prev = cur
+        assert r["prompt_moved_per_sequence"][i] == pytest.approx(moved / (S * L * F), abs=1e-12)
     json.dumps(r)  # JSON-able as returned
 
 

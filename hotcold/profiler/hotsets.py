@@ -295,6 +295,7 @@ def measure_hotsets(profile: Profile, ev: Profile, opts: HotsetOptions | None = 
     tie = 0.5 * f / max(float(f.max()), 1e-12)
     pre_order = _top_by(seqs["prefill"].astype(np.float64) + tie[None])
     cum_pre = _cum_in_order(per_seq, pre_order)  # [S, L, F + 1]
+    prompt_moved = [_moved_per_sequence(pre_order, prof_order, int(round(s * Fn))) for s in opts.shares]
     del pre_order
     cum_own = _cum_in_order(per_seq, _top_by(per_seq.astype(np.float64)))
     rule, rule_src = DynamicRule.from_runtime(**opts.dynamic)
@@ -364,7 +365,27 @@ def measure_hotsets(profile: Profile, ev: Profile, opts: HotsetOptions | None = 
         "activations_per_layer": total_l.tolist(),
         "overall": overall, "layers": layers, "held": held, "n_hot": n_hot_of,
         "solver": solver_info, "dynamic": dyn_info,
+        # "prompt" re-chosen after each prefill: neurons that enter the GPU per sequence (the first sequence
+        # from the profile's top set), as a fraction of all L x n_ff neurons, per share
+        "prompt_moved_per_sequence": prompt_moved,
     }
+
+
+def _moved_per_sequence(pre_order: np.ndarray, prof_order: np.ndarray, k: int) -> float:
+    """Mean over sequences of the neurons in sequence s's top-k set (per layer) that were not in sequence
+    s - 1's (the profile's for s = 0), over all L x F neurons: what a per-prompt placement copies in."""
+    S, L, F = pre_order.shape
+    if k <= 0 or k >= F:
+        return 0.0
+    prev = np.zeros((L, F), bool)
+    np.put_along_axis(prev, prof_order[:, :k], True, axis=1)
+    moved = 0
+    for s in range(S):
+        cur = np.zeros((L, F), bool)
+        np.put_along_axis(cur, pre_order[s][:, :k], True, axis=1)
+        moved += int((cur & ~prev).sum())
+        prev = cur
+    return moved / (S * L * F)
 
 
 def _describe(p: Profile) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -81,6 +81,17 @@ def study_cmd(
     device: Annotated[str, typer.Option("--device", help="Where the dense reference, profiler and the GPU part run: cpu, cuda or auto.")] = "auto",
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens decoded for each speed measurement.")] = 32,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Results directory.")] = Path("hotcold-study"),
+    scale: Annotated[Optional[str], typer.Option("--scale", help="Study every policy at this shape (llama2-70b, tiny) on random quantized weights with real firing statistics (--stats), every layer built; see docs/results.md.")] = None,
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="--scale: the statistics folder (workloads.npz, hotsets.json) that --prepare writes.")] = None,
+    prepare: Annotated[Optional[Path], typer.Option("--prepare", help="--scale: map a real model's profiles onto the shape and replay its hot sets, into this folder, then stop (needs --profile-dir and --eval-profile).")] = None,
+    profile_dir: Annotated[Optional[Path], typer.Option("--profile-dir", help="--prepare: the Profile the placements are solved from (e.g. MBPP train).")] = None,
+    eval_profile: Annotated[Optional[list[str]], typer.Option("--eval-profile", help="--prepare: NAME=PROFILE_DIR of a held-out workload with per-sequence records (repeat: mbpp-test=..., humaneval=...).")] = None,
+    hotsets: Annotated[Optional[list[str]], typer.Option("--hotsets", help="--prepare: NAME=hotsets.json of `hotcold profile hotsets` for that workload, instead of computing it.")] = None,
+    predictors: Annotated[Optional[Path], typer.Option("--predictors", help="--prepare: bench/results/predictors.json: what the real predictors select per active neuron.")] = None,
+    scenarios: Annotated[str, typer.Option("--scenarios", help="--scale: swiglu (the statistics), relu (synthetic, skewed), or both.")] = "swiglu,relu",
+    quant: Annotated[str, typer.Option("--quant", help="--scale: weight format (q4, q8, q4a, q8a).")] = "q4",
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="--scale: timed rounds per run (the spread).")] = 3,
+    layers: Annotated[Optional[int], typer.Option("--layers", min=1, help="--scale: layers to build (default: the shape's).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare placement policies at several GPU budgets: profile once, solve, export and run each.
@@ -94,6 +105,10 @@ def study_cmd(
     hotcold study -m random:llama2-70b:n_layers=4,workload=synthetic,tokenizer=smollm2-135m,gen=auto
     --dtype float16 --hardware h200 --policies fixed,adaptive,dynamic
     """
+    if scale is not None or prepare is not None:
+        _scale(scale, stats, prepare, profile_dir, eval_profile, hotsets, predictors, scenarios, quant, rounds, layers,
+               budgets, policies, device, new_tokens, out_dir, json_out)
+        return
     from hotcold.study.study import StudyConfig
 
     cfg = StudyConfig(model=model, dataset=dataset, profile_split=profile_split, eval_split=eval_split,
@@ -103,6 +118,60 @@ def study_cmd(
                       thresholds=[t.strip() for t in thresholds.split(',') if t.strip()], hardware=hardware, pass_at_1=pass_at_1,
                       dtype=dtype, device=device, speed_new_tokens=new_tokens, out=out_dir)
     _run(cfg, json_out)
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, Path]:
+    from hotcold.errors import InputError
+
+    out_: dict[str, Path] = {}
+    for it in items or []:
+        name, sep, path = it.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"{what} {it!r} is not NAME=PATH", f"pass e.g. {what} mbpp-test=prof/test")
+        out_[name] = Path(path)
+    return out_
+
+
+def _scale(shape, stats, prep, profile_dir, eval_profile, hotsets, predictors, scenarios, quant, rounds, layers,
+           budgets, policies, device, new_tokens, out_dir, json_out) -> None:
+    from hotcold.errors import InputError
+    from hotcold.study import scale as sc
+
+    log = lambda s: err.print(f"[dim]{s}[/]")  # noqa: E731
+    if prep is not None:
+        evals = _pairs(eval_profile, "--eval-profile")
+        if profile_dir is None or not evals:
+            raise InputError("--prepare needs --profile-dir and at least one --eval-profile NAME=DIR",
+                             "pass e.g. --profile-dir prof/train --eval-profile mbpp-test=prof/test")
+        path = sc.prepare(prep, profile_dir, evals, shape or "llama2-70b", layers, _pairs(hotsets, "--hotsets"),
+                          predictors=predictors, log=log)
+        out.print(f"statistics: {path}")
+        return
+    if stats is None:
+        raise InputError("--scale needs --stats DIR", "make it with --prepare DIR (on the machine with the profiles)")
+    if budgets == "ffn:0.1,ffn:0.3,ffn:0.6":
+        budgets = "24GiB,48GiB"
+    pols = [p.strip() for p in policies.split(",") if p.strip()]
+    if policies == "fixed,impact,adaptive":
+        pols = list(sc.POLICIES)
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = sc.ScaleConfig(shape=shape, layers=layers, stats=stats, quant=quant,
+                         budgets=[b.strip() for b in budgets.split(",") if b.strip()],
+                         scenarios=[s.strip() for s in scenarios.split(",") if s.strip()], policies=pols,
+                         rounds=rounds, tokens=new_tokens if new_tokens != 32 else 16, device=device, out=out_dir)
+    res = sc.run_scale(cfg, log=log)
+    if json_out:
+        print_json(res)
+        return
+    for row in res.get("summary") or []:
+        vs = f"{row['speedup_vs_fixed']:.3f}x fixed" if "speedup_vs_fixed" in row else ""
+        out.print(f"{row['cell']:>18} {row['eval']:>10} {row['policy']:>9}: {row['ms_per_token']:8.1f} ms/token "
+                  f"(+{(row['with_migration'] or row['ms_per_token']) - row['ms_per_token']:.2f} migration) {vs}",
+                  markup=False)
+    out.print(f"report: {Path(out_dir) / 'report.md'}  (data: {Path(out_dir) / 'study_scale.json'})")
 
 
 # What a demo run leaves in --out: the reports, their plots, the data, and the placements (kilobytes each;

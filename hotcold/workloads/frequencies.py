@@ -40,12 +40,17 @@ def load_frequencies(path: str | Path, phase: str = "decode") -> tuple[np.ndarra
     return np.asarray(f, dtype=np.float64), info
 
 
+def depth_index(n_layers: int, n_src: int) -> list[int]:
+    """For each of n_layers target layers, the source layer (of n_src) at the same relative depth."""
+    return [int(round(l / max(n_layers - 1, 1) * (n_src - 1))) for l in range(n_layers)]
+
+
 def map_by_depth(sources: Sequence[np.ndarray], n_layers: int, n_ff: int, seed: int = 0,
                  jitter: float = 0.25) -> list[np.ndarray]:
     """Each source [L_src, n_src] -> [n_layers, n_ff] with one shared neuron map and jitter."""
     L_src, n_src = sources[0].shape
     rng = np.random.default_rng(seed)
-    src_layer = [int(round(l / max(n_layers - 1, 1) * (L_src - 1))) for l in range(n_layers)]
+    src_layer = depth_index(n_layers, L_src)
     idx = np.stack([rng.permutation(n_ff) % n_src for _ in range(n_layers)])
     noise = np.exp(jitter * rng.standard_normal((n_layers, n_ff)))
     out = []
