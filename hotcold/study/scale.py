@@ -548,6 +548,7 @@ def child(spec: dict[str, Any], log: Log = _log) -> dict[str, Any]:
                 log(f"{scen} {budget} {key}: {r['ms_per_token']:.1f} ms/token (rounds "
                     f"{', '.join(f'{v:.1f}' for v in r['rounds_ms_per_token'])}), GPU share of activations "
                     f"{r['gpu_share_of_activations']:.3f}, migration {r['migration']['stall_ms_per_token']:.2f} ms/token")
+                _save_partial(res, spec)
                 if all_gpu:
                     break
         if cuda:
@@ -561,6 +562,13 @@ def child(spec: dict[str, Any], log: Log = _log) -> dict[str, Any]:
     res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res["seconds"] = time.perf_counter() - t0
     return res
+
+
+def _save_partial(res: dict[str, Any], spec: dict[str, Any]) -> None:
+    """The cell so far, beside its result file: what a run cut short by a deadline leaves."""
+    from hotcold.bench.harness import save_json
+
+    save_json(res, Path(spec["result"] + ".partial"))
 
 
 def _time_migration(eng: Any, log: Log) -> float | None:
@@ -651,14 +659,19 @@ def run_scale(c: ScaleConfig, log: Log = _log) -> dict[str, Any]:
             for line in p.stderr.splitlines()[-40:]:
                 log(f"  {line}")
             rp = Path(spec["result"])
+            part = Path(spec["result"] + ".partial")
             if p.returncode != 0 or not rp.exists():
                 res["cells"][key] = {"error": f"exit {p.returncode}", "stderr_tail": p.stderr[-3000:]}
+                if part.exists():  # the runs it finished
+                    res["cells"][key] = {**json.loads(part.read_text()), **res["cells"][key], "incomplete": True}
+                    res["cells"][key]["gpu_peak_GiB"] = nv.peak / 1024 if nv.peak else None
             else:
                 r = json.loads(rp.read_text())
                 r["gpu_mib_peak_nvidia_smi"] = nv.peak or None
                 r["gpu_peak_GiB"] = nv.peak / 1024 if nv.peak else None
                 res["cells"][key] = r
                 rp.unlink()
+            part.unlink(missing_ok=True)
             sp.unlink(missing_ok=True)
             res["elapsed_s"] = time.perf_counter() - t0
             res["summary"] = summarize(res)
@@ -704,8 +717,10 @@ def write_report(res: dict[str, Any], out: Path) -> Path:
     for key, cell in res["cells"].items():
         lines.append(f"## {key}")
         if "error" in cell:
-            lines += ["", f"failed: {cell['error']}", ""]
-            continue
+            lines += ["", f"failed: {cell['error']}" + (" (the runs below finished before it stopped)"
+                                                         if cell.get("runs") else ""), ""]
+            if not cell.get("runs"):
+                continue
         lines += ["", f"{cell.get('budget_note', '')}; {cell['neurons_that_fit']:,} neurons fit; peak GPU "
                       f"{cell.get('gpu_peak_GiB') or 0:.2f} GiB (nvidia-smi, the whole process); "
                       f"workload: {cell['workload']['kind']}.", ""]
