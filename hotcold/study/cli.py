@@ -92,6 +92,7 @@ def study_cmd(
     quant: Annotated[str, typer.Option("--quant", help="--scale: weight format (q4, q8, q4a, q8a).")] = "q4",
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="--scale: timed rounds per run (the spread).")] = 3,
     layers: Annotated[Optional[int], typer.Option("--layers", min=1, help="--scale: layers to build (default: the shape's).")] = None,
+    slack: Annotated[str, typer.Option("--slack", help="--scale: GPU memory kept out of the hot set under a byte budget (the allocator's rounding while the model is built, graphs, Triton).")] = "1.3GiB",
     json_out: JsonOpt = False,
 ) -> None:
     """Compare placement policies at several GPU budgets: profile once, solve, export and run each.
@@ -107,7 +108,7 @@ def study_cmd(
     """
     if scale is not None or prepare is not None:
         _scale(scale, stats, prepare, profile_dir, eval_profile, hotsets, predictors, scenarios, quant, rounds, layers,
-               budgets, policies, device, new_tokens, out_dir, json_out)
+               budgets, policies, device, new_tokens, out_dir, json_out, slack)
         return
     from hotcold.study.study import StudyConfig
 
@@ -133,7 +134,7 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, Path]:
 
 
 def _scale(shape, stats, prep, profile_dir, eval_profile, hotsets, predictors, scenarios, quant, rounds, layers,
-           budgets, policies, device, new_tokens, out_dir, json_out) -> None:
+           budgets, policies, device, new_tokens, out_dir, json_out, slack="1.3GiB") -> None:
     from hotcold.errors import InputError
     from hotcold.study import scale as sc
 
@@ -161,7 +162,8 @@ def _scale(shape, stats, prep, profile_dir, eval_profile, hotsets, predictors, s
     cfg = sc.ScaleConfig(shape=shape, layers=layers, stats=stats, quant=quant,
                          budgets=[b.strip() for b in budgets.split(",") if b.strip()],
                          scenarios=[s.strip() for s in scenarios.split(",") if s.strip()], policies=pols,
-                         rounds=rounds, tokens=new_tokens if new_tokens != 32 else 16, device=device, out=out_dir)
+                         rounds=rounds, tokens=new_tokens if new_tokens != 32 else 16, device=device, out=out_dir,
+                         slack=slack)
     res = sc.run_scale(cfg, log=log)
     if json_out:
         print_json(res)
