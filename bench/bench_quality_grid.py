@@ -21,7 +21,8 @@ How each grid point is run, through the runtime's public API only:
   dense      the first bundle in mode "exact" (the runtime's dense path, same weights and dtype).
 Metrics (hotcold.quality.metrics) over all reference positions of all prompts: argmax agreement with dense,
 mean KL(dense || hybrid), perplexity of the reference code. Results are rewritten after every grid point,
-and a re-run with the same settings skips the points already in --out (resumable).
+and a re-run with the same scoring settings (model, profile, prompts, dtype) keeps the points already in --out
+and adds the new ones (resumable; the grid may grow by shares, sparsities, policies or rules).
 """
 
 from __future__ import annotations
@@ -95,10 +96,14 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "work")}
     state = {"command": " ".join([sys.executable, *sys.argv]), "settings": settings, "profile": str(prof_dir),
              "dense": None, "points": []}
+    grid_keys = ("shares", "sparsities", "policies", "rules")  # what a later run may add to
     if out.is_file():
         old = json.loads(out.read_text())
-        if old.get("settings") == settings:
+        same = lambda a, b: {k: v for k, v in a.items() if k not in grid_keys} == \
+            {k: v for k, v in b.items() if k not in grid_keys}  # noqa: E731
+        if same(old.get("settings", {}), settings):
             state["points"], state["dense"] = old.get("points", []), old.get("dense")
+            state["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
             log(f"resuming: {len(state['points'])} grid points already in {out}")
     done = {(p["share"], p["policy"], p["rule"], p["sparsity"]) for p in state["points"]}
 
