@@ -3,7 +3,8 @@ the dense model and hybrid placements at GPU shares x activation sparsities x {f
 
     python bench/bench_quality_grid.py --model qwen2.5-coder-1.5b [--prompts 8] [--shares 0.3,0.1,0.6]
         [--sparsities 0.3,0.5,0.7] [--policies fixed,adaptive] [--rules product,gate] [--dtype bfloat16]
-        [--profile DIR] [--out bench/results/quality_grid_qwen2.5-coder-1.5b.json]
+        [--profile DIR] [--out bench/results/quality_grid_qwen2.5-coder-1.5b.json] [--plot PNG]
+    python bench/bench_quality_grid.py --plot-only --out JSON --plot PNG      (redraw from a finished grid)
 
 How each grid point is run, through the runtime's public API only:
   placement  hotcold.profiler.hotsets.placement_at_share: the solver's fixed or adaptive policy at GPU budget
@@ -56,6 +57,41 @@ def gate_thresholds(src, prof, sparsities: list[float]) -> dict[float, list[floa
     return out
 
 
+def plot(state: dict, path: Path) -> None:
+    """Agreement with dense and mean KL against activation sparsity: one line per (share, policy, rule)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple, list[dict]] = {}
+    for p in state["points"]:
+        lines.setdefault((p["share"], p["policy"], p["rule"]), []).append(p)
+    shares = sorted({k[0] for k in lines})
+    colors = dict(zip(shares, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for (share, pol, rule), pts in sorted(lines.items()):
+        pts = sorted(pts, key=lambda p: p["sparsity"])
+        xs = [p["sparsity"] for p in pts]
+        style = dict(color=colors[share], ls="-" if pol == "fixed" else "--",
+                     marker="o" if rule == "product" else "x", label=f"{share:.0%} GPU, {pol}, {rule}")
+        ax1.plot(xs, [p["agreement"] for p in pts], **style)
+        ax2.plot(xs, [p["kl_mean"] for p in pts], **style)
+    ax1.set(xlabel="activation sparsity of the cold side", ylabel="next-token agreement with dense",
+            title="agreement (higher is better)")
+    ax2.set(xlabel="activation sparsity of the cold side", ylabel="mean KL(dense || hybrid)", yscale="log",
+            title="KL (lower is better)")
+    ax2.legend(fontsize=7)
+    n = state["dense"]["positions"] if state.get("dense") else 0
+    fig.suptitle(f"{state['settings'].get('model', '')}: hot neurons dense, cold thresholded; {n} MBPP test "
+                 "reference positions", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
@@ -70,7 +106,15 @@ def main() -> None:
     ap.add_argument("--hardware", default="pc-high", help="cost model of the adaptive solver")
     ap.add_argument("--work", default=str(REPO / "bench" / ".cache" / "quality_grid"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None, help="PNG: agreement and KL against sparsity, one line per share/policy/rule")
+    ap.add_argument("--plot-only", action="store_true", help="only redraw --plot from the grid already in --out")
     args = ap.parse_args()
+    if args.plot_only:
+        if not (args.out and args.plot and Path(args.out).is_file()):
+            sys.exit("--plot-only needs --out (an existing grid JSON) and --plot (the PNG to write)")
+        plot(json.loads(Path(args.out).read_text()), Path(args.plot))
+        log(f"wrote {args.plot}")
+        return
 
     from hotcold.exporter.export import ExportOptions, export_bundle
     from hotcold.model.registry import load_source
@@ -93,7 +137,7 @@ def main() -> None:
         raise SystemExit(f"{prof_dir} is a profile of another model; pass --profile for {args.model}")
     shares, sparsities = floats(args.shares), floats(args.sparsities)
     policies, rules = args.policies.split(","), args.rules.split(",")
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "work")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "work", "plot", "plot_only")}
     state = {"command": " ".join([sys.executable, *sys.argv]), "settings": settings, "profile": str(prof_dir),
              "dense": None, "points": []}
     grid_keys = ("shares", "sparsities", "policies", "rules")  # what a later run may add to
@@ -184,6 +228,9 @@ def main() -> None:
     state["thresholds"] = {r: {str(s): v for s, v in d.items()} for r, d in thresholds.items()}
     save()
     log(f"wrote {out}")
+    if args.plot:
+        plot(state, Path(args.plot))
+        log(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
