@@ -297,14 +297,16 @@ def random_qtensor(rows: int, cols: int, fmt: QFormat, *, std: float = 0.02, dev
     (uniform codes over 16 or 256 levels have standard deviation 4.61 / 73.9 codes)."""
     g = torch.Generator(device=device).manual_seed(seed)
     nd, ng = fmt.data_bytes(cols), fmt.n_groups(cols)
-    data = torch.randint(0, 256, (rows, nd), generator=g, device=device, dtype=torch.uint8)
+    # one allocation, filled in place (codes, then scales, then offsets, the packed layout): no temporary
+    # the size of the tensor, so that building many of them leaves no holes in the GPU allocator's pool
+    packed = torch.empty(rows, fmt.row_bytes(cols), dtype=torch.uint8, device=device)
     spread = 4.61 if fmt.bits == 4 else 73.9
-    scales = torch.full((rows, ng), std / spread, dtype=torch.float16, device=device)
-    offsets = None
-    if fmt.asym:
-        offsets = torch.full((rows, ng), -std / spread * (7.5 if fmt.bits == 4 else 127.5), dtype=torch.float16,
-                             device=device)
-    return QTensor.from_parts(data, scales, fmt, (rows, cols), offsets)
+    if rows:
+        packed[:, :nd].random_(0, 256, generator=g)
+        _f16(packed[:, nd:nd + 2 * ng]).fill_(std / spread)
+        if fmt.asym:
+            _f16(packed[:, nd + 2 * ng:nd + 4 * ng]).fill_(-std / spread * (7.5 if fmt.bits == 4 else 127.5))
+    return QTensor(packed, fmt, (rows, cols))
 
 
 # ---- GGUF --------------------------------------------------------------------------------------

@@ -200,8 +200,8 @@ def random_quantized_model(cfg: ModelConfig, n_hot: Sequence[int], quant: str | 
         raise InputError(f"n_hot must have {L} entries in [0, {F_}]", "pass one hot-neuron count per layer")
     seeds = iter(range(seed * 1000003, seed * 1000003 + 10 * L + 10))
 
-    def rq(rows: int, cols: int) -> QTensor:
-        return random_qtensor(rows, cols, fmt, std=std, device=dev, seed=next(seeds))
+    def rq(rows: int, cols: int, seed_: int | None = None) -> QTensor:
+        return random_qtensor(rows, cols, fmt, std=std, device=dev, seed=next(seeds) if seed_ is None else seed_)
 
     def cold_layer(c: int, k: int) -> CpuLayer:
         # generated CHUNK rows at a time into the host buffers, so that the GPU never holds more than a
@@ -220,14 +220,8 @@ def random_quantized_model(cfg: ModelConfig, n_hot: Sequence[int], quant: str | 
             ud[r0:r0 + n].copy_(hcat(part[1], part[2]).packed)
         return CpuLayer(cold_ids=ids, gate=QTensor(gate, fmt, (c, D)), up_down=QTensor(ud, fmt, (c, 2 * D)))
 
-    gls, cls = [], []
-    for l in range(L):
-        k = int(n_hot[l])
-        ones = torch.ones(D, dtype=torch.float32, device=dev)
-        gls.append(GpuLayer(attn_norm=ones, ffn_norm=ones.clone(), wqkv=rq(q + 2 * kv, D), wo=rq(D, q),
-                            bqkv=torch.zeros(q + 2 * kv, dtype=torch.float32, device=dev) if cfg.qkv_bias else None,
-                            hot_gu=rq(2 * k, D), hot_down=rq(k, D), hot_ids=np.arange(k, dtype=np.int64)))
-        cls.append(cold_layer(F_ - k, k))
+    # the embedding and the cold rows first: their float and chunk temporaries are the build's only ones, so
+    # once they are gone every GPU tensor made after them is packed back to back (no holes between layers)
     g = torch.Generator(device=dev).manual_seed(seed)
     if cfg.vocab_size <= CHUNK:
         embed = (torch.randn(cfg.vocab_size, D, generator=g, device=dev) * std).to(torch.float16)
@@ -235,6 +229,18 @@ def random_quantized_model(cfg: ModelConfig, n_hot: Sequence[int], quant: str | 
         embed = torch.empty(cfg.vocab_size, D, dtype=torch.float16, device=dev)
         for r0 in range(0, cfg.vocab_size, CHUNK):
             embed[r0:r0 + CHUNK].copy_(torch.randn(min(CHUNK, cfg.vocab_size - r0), D, generator=g, device=dev) * std)
+    layer_seeds = [[next(seeds) for _ in range(4)] for _ in range(L)]
+    cls = [cold_layer(F_ - int(n_hot[l]), int(n_hot[l])) for l in range(L)]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+    gls = []
+    for l in range(L):
+        k, (s_qkv, s_o, s_gu, s_d) = int(n_hot[l]), layer_seeds[l]
+        ones = torch.ones(D, dtype=torch.float32, device=dev)
+        gls.append(GpuLayer(attn_norm=ones, ffn_norm=ones.clone(), wqkv=rq(q + 2 * kv, D, s_qkv), wo=rq(D, q, s_o),
+                            bqkv=torch.zeros(q + 2 * kv, dtype=torch.float32, device=dev) if cfg.qkv_bias else None,
+                            hot_gu=rq(2 * k, D, s_gu), hot_down=rq(k, D, s_d), hot_ids=np.arange(k, dtype=np.int64)))
     head = embed if cfg.tie_embeddings else rq(cfg.vocab_size, D)
     account = placement_bytes(cfg, list(n_hot), fmt.name, ctx_len=max_len)
     return HybridModel(cfg, embed, torch.ones(D, dtype=torch.float32, device=dev), head, gls, cls, max_len=max_len,
