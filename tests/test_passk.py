@@ -190,3 +190,78 @@ def test_answers_are_reduced_to_their_definitions_and_stop_at_their_own_tests():
     assert _TEST_AFTER_DEF.search(answer + "assert f(1) == 1")
     assert not _TEST_AFTER_DEF.search("```python\nassert True\n")  # nothing defined yet
     assert _CLOSED_FENCE.search(answer + "```\n")
+
+
+def test_threshold_emulation_is_the_runtimes_rule_on_decode_steps_only(tiny):
+    """Hot neurons dense, cold ones kept where |silu(g)·u| > t_l, prefill untouched: checked against the FFN
+    written out by hand for one decode step, and sparsity 0 (t = 0, nothing exactly zero) equal to dense."""
+    import numpy as np
+
+    from hotcold.model.dense import ffn_activation
+    from hotcold.quality.sparse import ThresholdEmulation
+
+    cfg = tiny.cfg
+    rng = np.random.default_rng(0)
+    hot = rng.random((cfg.n_layers, cfg.n_ff)) < 0.3
+    ps = prompts([7, 12])
+    L = max(map(len, ps))
+    x = torch.tensor([[0] * (L - len(p)) + p for p in ps])
+    pad = torch.tensor([L - len(p) for p in ps])
+    # a threshold per layer at the median |a| of that layer's prefill activations: about half the cold are cut
+    acts = []
+    tiny.forward(x, pad=pad, hook=lambda l, xx, a: acts.append(a.abs().flatten().median().item()))
+    emu = ThresholdEmulation(tiny, hot, acts)
+    c0, c1 = tiny.new_cache(2, L + 1), tiny.new_cache(2, L + 1)
+    torch.testing.assert_close(emu.forward(x, 0, c0, pad=pad), tiny.forward(x, 0, c1, pad=pad))  # prefill dense
+    step = torch.tensor([[5], [9]])
+    got = emu.forward(step, L, c0, pad=pad)
+    want_hook_calls = []
+
+    def by_hand(l, xx, a):
+        want_hook_calls.append(l)
+        lw = tiny.layers[l]
+        a2 = ffn_activation(cfg, lw, xx)
+        keep = torch.as_tensor(hot[l]) | (a2.abs() > acts[l])
+        return a2 * keep
+
+    want = tiny.forward(step, L, c1, hook=by_hand, pad=pad)
+    torch.testing.assert_close(got, want)
+    assert want_hook_calls == list(range(cfg.n_layers))
+    assert not torch.allclose(got, tiny.forward(step, L, tiny.new_cache(2, L + 1), pad=pad))  # it did cut
+    frac = emu.measured()["cold_active_fraction"]
+    assert 0.2 < frac < 0.8  # a median threshold of prefill activations keeps about half at the step
+    dense_emu = ThresholdEmulation(tiny, np.zeros_like(hot), [0.0] * cfg.n_layers)
+    torch.testing.assert_close(dense_emu.forward(step, 0), tiny.forward(step, 0))
+    assert dense_emu.measured()["cold_active_fraction"] == 1.0
+
+
+def test_eval_pass1_sparse_runs_and_records_its_rule(tiny_gguf, tmp_path, mbpp_path):
+    from hotcold.model.registry import load_source as ls
+    from tests.hybrid_util import tiny_profile
+
+    src = ls(str(tiny_gguf))
+    prof_dir = tmp_path / "prof"
+    tiny_profile(src, limit=3).save(prof_dir)
+    runner = CliRunner()
+    out = tmp_path / "sparse.json"
+    base = ["eval", "pass1", "-m", str(tiny_gguf), "--dataset", f"mbpp:{mbpp_path}", "--limit", "2", "-n", "4",
+            "-b", "2"]
+    r = runner.invoke(app, [*base, "-o", str(out), "--sparsity", "0.5", "--profile", str(prof_dir),
+                            "--gpu-share", "0.3"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    sp = d["sparse"]
+    assert sp["rule"] == "product" and sp["sparsity"] == 0.5 and len(sp["thresholds"]) == src.config.n_layers
+    assert 0.25 < sp["hot_fraction"] < 0.35 and "fixed placement at 30%" in sp["placement"]["how"]
+    measured = d["sessions"][-1]["sparse_measured"]["cold_active_fraction"]
+    assert 0.0 < measured < 1.0 and "sparse decode: product rule at sparsity 0.5" in r.stdout
+    for args, needle in ((["--sparsity", "0.5"], "--sparsity needs --profile"),
+                         (["--profile", str(prof_dir)], "--profile without --sparsity"),
+                         (["--sparsity", "0.5", "--profile", str(prof_dir), "--gpu-share", "0.3", "--placement",
+                           str(tmp_path)], "both given"),
+                         (["--sparsity", "0.5", "--profile", str(prof_dir), "--gpu-share", "0.3", "--policy", "x"],
+                          "--policy x")):
+        r = runner.invoke(app, [*base, "-o", str(tmp_path / "x.json"), *args])
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert len(lines) == 1 and needle in lines[0], r.stderr

@@ -50,6 +50,12 @@ def pass1_cmd(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="The result JSON (written to a temp file, then renamed).")] = Path("pass1.json"),
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Ignore (and overwrite) an existing checkpoint.")] = False,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads (0: torch's default). On a machine shared with other jobs 1 is often fastest.")] = 0,
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", min=0.0, max=0.99, help="Decode as the runtime's threshold mode does (product rule |act(g)·u| > t_l, t_l from --profile at this sparsity); cold neurons only, prefill dense.")] = None,
+    profile: Annotated[Optional[Path], typer.Option("--profile", help="With --sparsity: the Profile whose activation histograms set each layer's threshold.")] = None,
+    placement: Annotated[Optional[Path], typer.Option("--placement", help="With --sparsity: its hot neurons stay dense (default: every neuron is cold).")] = None,
+    gpu_share: Annotated[Optional[float], typer.Option("--gpu-share", min=0.0, max=1.0, help="With --sparsity, instead of --placement: solve one from --profile with this share of the FFN on the GPU.")] = None,
+    policy: Annotated[str, typer.Option("--policy", help="With --gpu-share: fixed (PowerInfer's global tau) or adaptive (latency MILP).")] = "fixed",
+    hardware: Annotated[str, typer.Option("--hardware", help="With --gpu-share: the hardware preset or JSON whose cost model the adaptive policy uses.")] = "pc-high",
     json_out: JsonOpt = False,
 ) -> None:
     import os
@@ -81,16 +87,27 @@ def pass1_cmd(
     tok = src.tokenizer()
     if tok is None:
         raise InputError(f"{src.description} has no tokenizer", "use a GGUF with tokenizer metadata")
+    sparse = _sparse_setup(src, sparsity, profile, placement, gpu_share, policy, hardware)
     err.print(f"[dim]loading {src.description} ({dtype})…[/]")
     m = DenseModel.from_source(src, torch_dtype(dtype), "cpu")  # the model's whole context: MBPP has 3.7k-token prompts
     _release_freed_memory()
+    if sparse is not None:
+        from hotcold.quality.sparse import ThresholdEmulation
+
+        info, hot, thr = sparse
+        m = ThresholdEmulation(m, hot, thr)
+        err.print(f"[dim]decoding at sparsity {sparsity} (product rule), {info['hot_fraction']:.1%} of the neurons "
+                  f"dense ({info['placement']['how']})[/]")
     header = {"model": {"spec": model, "description": src.description, "fingerprint": src.fingerprint,
                         "name": src.config.name},
               "dataset": {k: v for k, v in ds.describe().items() if k != "ids"}, "dtype": dtype,
               "command": " ".join(["hotcold", *sys.argv[1:]]), "torch": torch.__version__,
               "threads": torch.get_num_threads(),
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "date": time.strftime("%Y-%m-%d")}
-    res = run_pass1(m, tok, ds.tasks, cfg, out_path, header=header, resume=not no_resume)
+    if sparse is not None:
+        header["sparse"] = sparse[0]
+    res = run_pass1(m, tok, ds.tasks, cfg, out_path, header=header, resume=not no_resume,
+                    on_batch=None if sparse is None else lambda r: r.sessions[-1].update(sparse_measured=m.measured()))
     s = res.summary()
     if json_out:
         print_json({k: v for k, v in res.to_json().items() if k != "tasks"})
@@ -99,7 +116,61 @@ def pass1_cmd(
     tp = s["throughput"]
     out.print(f"pass@1 {s['passed']}/{s['n']} = {100 * s['pass_at_1']:.1f}%  (95% Wilson {100 * lo:.1f}–{100 * hi:.1f}%)  "
               f"{s['by_status']}")
+    if sparse is not None:
+        frac = m.measured()["cold_active_fraction"]
+        out.print(f"sparse decode: product rule at sparsity {sparsity}, {sparse[0]['hot_fraction']:.1%} of the neurons dense; "
+                  f"cold neurons active {'n/a' if frac is None else f'{frac:.3f}'} of the time (this session)")
     out.print(f"{tp['tasks_per_minute']} tasks/min, {tp['generated_tokens_per_s']} generated tok/s; wrote {out_path}")
+
+
+def _sparse_setup(src, sparsity, profile, placement, gpu_share, policy, hardware):
+    """(header entry, hot mask [L, F], thresholds [L]) for --sparsity, or None; one clear line on bad input."""
+    from hotcold.errors import InputError
+
+    given = {"--profile": profile, "--placement": placement, "--gpu-share": gpu_share}
+    if sparsity is None:
+        extra = [k for k, v in given.items() if v is not None]
+        if extra:
+            raise InputError(f"{', '.join(extra)} without --sparsity", "add --sparsity S (e.g. 0.5) or drop them")
+        return None
+    if profile is None:
+        raise InputError("--sparsity needs --profile (its histograms set each layer's threshold)",
+                         "pass --profile DIR, the profile of this model (`hotcold profile run`)")
+    if placement is not None and gpu_share is not None:
+        raise InputError("--placement and --gpu-share both given", "pass one: a solved placement, or a share to solve for")
+    if policy not in ("fixed", "adaptive"):
+        raise InputError(f"--policy {policy} is not one of fixed, adaptive", "pass --policy fixed or --policy adaptive")
+    import numpy as np
+
+    from hotcold.exporter.export import _check_same_model
+    from hotcold.profiler.artifact import Profile
+    from hotcold.solver.placement import Placement
+
+    prof = Profile.load(profile)
+    _check_same_model("profile", prof, src)
+    cfg = src.config
+    if gpu_share is not None:
+        from hotcold.profiler.hotsets import placement_at_share
+
+        pl, _ = placement_at_share(prof, gpu_share, policy, hardware)
+        how = f"{policy} placement at {gpu_share:.0%} of the FFN on the GPU, solved from {profile} ({hardware})"
+    elif placement is not None:
+        pl = Placement.load(placement)
+        _check_same_model("placement", pl, src)
+        how = f"placement {placement} ({pl.policy})"
+    else:
+        pl, how = None, "no placement: every neuron cold"
+    hot = pl.hot_mask() if pl is not None else np.zeros((cfg.n_layers, cfg.n_ff), dtype=bool)
+    thr = [float(t) for t in prof.magnitude_thresholds(sparsity, "decode")]
+    info = {"rule": "product", "sparsity": sparsity, "prefill": "dense", "thresholds": thr,
+            "hot_fraction": float(hot.mean()), "n_hot": [int(v) for v in hot.sum(1)],
+            "profile": {"path": str(profile), "content_hash": prof.content_hash},
+            "placement": {"how": how, "path": str(placement) if placement else None,
+                          "content_hash": pl.content_hash if pl is not None else None,
+                          "policy": pl.policy if pl is not None else None},
+            "how": "hotcold.quality.sparse.ThresholdEmulation: the runtime's threshold mode (product rule) on the "
+                   "batched dense model's decode steps"}
+    return info, hot, thr
 
 
 def _release_freed_memory() -> None:

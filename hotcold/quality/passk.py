@@ -270,9 +270,9 @@ def _partial_path(out: Path) -> Path:
 
 
 # What must be equal for a checkpoint to be resumed: same model weights, task list, prompt and the
-# settings that change an answer. Batching does not (greedy answers are the same batched or one by one,
+# settings that change an answer (a sparse run's thresholds and hot set among them). Batching does not (greedy answers are the same batched or one by one,
 # tests/test_qwen.py), so a run may resume with another batch size, window or checkpoint interval.
-_RESUME_KEYS = ("format", "model", "task_ids", "prompt", "dtype")
+_RESUME_KEYS = ("format", "model", "task_ids", "prompt", "dtype", "sparse")
 RESULT_SETTINGS = ("max_new_tokens", "stop_at_fence", "timeout_s")
 
 
