@@ -279,6 +279,35 @@ def test_cold_kernel_against_float64(fmt):
     assert torch.equal(k(x, gate, ud, "exact").y.clone(), k(x, gate, ud, "exact").y)
 
 
+def test_avx512_q4_predictor_kernel_against_float64_and_numba():
+    """hotcold.runtime.cq4 (predictor mode, symmetric INT4, group 32) where it builds: the float64 reference,
+    the numba kernel's result, counts and the slot count, on 1 and 2 threads, an empty and a full mask."""
+    from hotcold.runtime import cq4
+    from hotcold.runtime.qkernels import QColdKernel
+
+    if cq4.load() is None:
+        pytest.skip("no AVX-512 F/BW or no C compiler on this machine: predictor mode runs the numba kernel")
+    for C, D, p in ((5, 32, 1.0), (33, 96, 0.4), (300, 1024, 0.3), (40, 64, 0.0)):
+        gate, ud, x = _layer(Q4, C=C, D=D, seed=C)
+        mask = (torch.rand(C, generator=torch.Generator().manual_seed(2)) < p).to(torch.uint8)
+        ref, act, _ = _reference(gate, ud, x, "predictor", mask)
+        k = QColdKernel(D, backend="numba")
+        assert k.name == "numba+avx512-q4"
+        slow = QColdKernel(D, backend="numba")
+        slow._q4 = None
+        want = slow(x, gate, ud, "predictor", mask=mask).y.clone()
+        for threads in (1, 2):
+            k._q4.threads = threads
+            counts = np.zeros(C, dtype=np.float32)
+            r = k(x, gate, ud, "predictor", mask=mask, counts=counts)
+            assert r.n_active == int(act.sum()) and np.array_equal(counts, act.numpy().astype(np.float32))
+            if act.any():
+                assert float((r.y.double() - ref).norm() / ref.norm()) < 2e-6, (C, D, threads)
+                assert float((r.y - want).norm() / want.norm()) < 2e-6
+            else:
+                assert torch.count_nonzero(r.y) == 0
+
+
 def test_cold_kernel_matches_the_float_kernel_on_dequantized_rows():
     """Exact mode on quantized rows = the fp32 cold kernel on the same dequantized weights."""
     from hotcold.runtime.coldkernel import ColdKernel

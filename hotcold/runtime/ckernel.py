@@ -80,14 +80,14 @@ def _cpu_key() -> str:
     return "\n".join([platform.machine(), *lines])
 
 
-def _build(path: Path) -> None:
+def _build(path: Path, source: str = SOURCE) -> None:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         raise OSError("no C compiler")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         src = Path(tmp) / "k.c"
-        src.write_text(SOURCE)
+        src.write_text(source)
         so = Path(tmp) / path.name
         subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(so), str(src)],
                        check=True, capture_output=True, timeout=120)

@@ -23,6 +23,9 @@ float32 and multiplied with x directly (Σ x_i per group is computed once per ca
 its group (hotcold/quant.py), so a byte run unpacks into two runs of consecutive values: the inner loops
 are contiguous and LLVM vectorises them (no shuffles).
 
+Predictor mode over symmetric INT4 rows of group 32 runs hotcold.runtime.cq4's AVX-512 C kernel instead where
+it builds (the numba kernel otherwise; HOTCOLD_Q4_KERNEL=numba forces it).
+
 `QColdKernel` mirrors `ColdKernel`: call it with the QTensors, it returns a `ColdResult` whose
 `bytes_read` counts quantized bytes (scales included). Without numba it falls back to dequantizing the
 rows it needs with torch (the same results to float32 rounding; slow, for small shapes and CI).
@@ -494,15 +497,21 @@ class QColdKernel:
         self._no_counts = np.zeros(0, dtype=np.float32)
         self._xs: np.ndarray | None = None
         self._parts: np.ndarray | None = None
+        self._q4 = None  # hotcold.runtime.cq4's predictor-mode kernel for symmetric INT4 (where it builds)
         if self.backend == "numba":
             import numba
 
             numba.set_num_threads(min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
             self._parts = np.zeros((numba.get_num_threads(), dim + 1), dtype=np.float32)
+            from hotcold.runtime import cq4
+
+            lib = cq4.load()
+            if lib is not None:
+                self._q4 = cq4.Q4Predictor(lib, numba.get_num_threads())
 
     @property
     def name(self) -> str:
-        return self.backend
+        return self.backend + ("+avx512-q4" if self._q4 is not None else "")
 
     def run(self, layer: Any, x: torch.Tensor, mode: str, *, rule: str = "gate", mask: torch.Tensor | None = None,
             thr: float = 0.0, active: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -548,6 +557,12 @@ class QColdKernel:
         if C == 0:
             y.zero_()
             n = 0
+        elif (self._q4 is not None and kmode == "predictor" and self._q4.handles(gate.fmt, D)
+              and gate.packed.is_contiguous() and up_down.packed.is_contiguous() and x.is_contiguous()):
+            m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+            n = self._q4(x.numpy(), gate.packed.numpy(), up_down.packed.numpy(), m.numpy(), y.numpy())
+            if counts is not None:
+                counts += m.numpy()
         elif self.backend == "numba":
             f = gate.fmt
             fn = _numba_qkernel(f.bits, f.asym, f.group)
