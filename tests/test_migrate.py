@@ -93,3 +93,36 @@ def test_rehome_there_and_back(monkeypatch):
     assert back.neurons == st.neurons and set(eng.gl[l].hot_ids.tolist()) == set(orig.tolist())
     with pytest.raises(InputError, match="hot slots"):
         rehome(eng, l, orig[:-1])
+
+
+def test_dynamic_placement_moves_quantized_neurons_and_keeps_exact_output(monkeypatch):
+    """DynamicPlacement on a q4 model: an EMA prior that says the cold neurons are the hot ones makes it
+    swap them in while generating (swap_neurons' byte copies), and exact mode still computes what it did."""
+    from hotcold.runtime.dynamic import DynamicPlacement
+    from hotcold.solver.costmodel import CostModel
+    from hotcold.solver.hardware import preset
+
+    eng = _model("q4", monkeypatch)
+    cfg = eng.cfg
+    x = torch.tensor(IDS)
+    ref = eng.forward(x)
+    snap = _snapshot(eng)
+    prior = np.zeros((cfg.n_layers, cfg.n_ff))
+    for l in range(cfg.n_layers):
+        prior[l][eng.cl[l].cold_ids] = 1.0  # the placement looks backwards: every cold neuron looks hotter
+    was_hot = [set(g.hot_ids.tolist()) for g in eng.gl]
+    cm = CostModel(cfg, preset("h200"), "q4", cold_mode="threshold", ctx_len=32)
+    dyn = DynamicPlacement(eng, cm, prior, every=2, alpha=0.1, max_swaps=8, horizon=10**6, margin=0.0)
+    eng.step(1)
+    for _ in range(8):
+        eng.step(None)
+    dyn.flush()
+    assert dyn.stats.neurons > 0 and dyn.stats.bytes == dyn.stats.neurons * 2 * 3 * eng.cl[0].gate.fmt.row_bytes(cfg.dim)
+    assert any(set(g.hot_ids.tolist()) != h for g, h in zip(eng.gl, was_hot))
+    assert [g.n_hot for g in eng.gl] == [len(h) for h in was_hot]  # the GPU memory holds still
+    after = _snapshot(eng)
+    for l in range(cfg.n_layers):  # every neuron's bytes, wherever it went
+        assert all(torch.equal(a, b) for n, rows in snap[l].items() for a, b in zip(rows, after[l][n]))
+    eng.reset()
+    torch.testing.assert_close(eng.forward(x), ref, rtol=1e-4, atol=1e-4)
+    assert dyn.stats.to_json(9)["bytes_per_token"] > 0

@@ -24,6 +24,11 @@ graphs, cold slots from the CPU kernel's flags). Every `every` tokens this hook
      counts are swapped. Each token therefore runs with one consistent placement: in `exact` mode the
      output is the dense model's whatever moves (tests check this).
 
+A quantized model (hotcold.quant rows on both sides) skips steps 3-4: its moves are
+hotcold.runtime.migrate.swap_neurons' byte copies, made synchronously when the decision is taken (the
+generation pauses for them; `commit_s` counts that time), since its two sides lay a neuron's bytes out
+differently and a move rearranges them.
+
 τ_l(t), the EMA frequency of the coldest hot neuron of each layer, and the migration traffic (neurons,
 bytes, copy and commit time) are recorded in `history`.
 """
@@ -93,24 +98,25 @@ class DynamicPlacement:
         self.neuron_bytes = nb.total
         M = max_swaps * engine.L
         pin = engine.cuda
-        if getattr(engine, "quantized", False):
-            from hotcold.errors import InputError
-
-            raise InputError("dynamic placement does not move quantized rows yet (their up/down bytes are interleaved "
-                             "differently on the two sides)", "run quantized models with a fixed placement (no dynamic migration)")
         if any(c.gate is None for c in engine.cl):
             from hotcold.errors import InputError
 
             raise InputError("dynamic placement moves rows of the bundled CPU layout; this model's cold rows are "
                              "in the split layout", "re-export with --cpu-layout bundled")
+        # a quantized model's two sides order a neuron's bytes differently (hotcold.runtime.migrate): its moves
+        # are swap_neurons' synchronous byte copies, made when a decision is taken (no staging, no copy stream)
+        self.quantized = bool(getattr(engine, "quantized", False))
+        self.copy_stream = None
+        engine.stats_on = True
+        engine.hooks.append(self)
+        if self.quantized:
+            return
         dt = engine.cl[0].gate.dtype
         self._in_gate = torch.empty(M, D, dtype=dt, pin_memory=pin)
         self._in_ud = torch.empty(M, 2 * D, dtype=dt, pin_memory=pin)
         self._out_gate = torch.empty(M, D, dtype=dt, pin_memory=pin)
         self._out_ud = torch.empty(M, 2 * D, dtype=dt, pin_memory=pin)
         self.copy_stream = torch.cuda.Stream(engine.device) if engine.cuda else None
-        engine.stats_on = True
-        engine.hooks.append(self)
 
     # ---- the hook ----------------------------------------------------------------------------
     def __call__(self, eng: HybridModel) -> None:
@@ -196,6 +202,16 @@ class DynamicPlacement:
     def _start(self, plan: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
         eng = self.eng
         t0 = time.perf_counter()
+        if self.quantized:
+            from hotcold.runtime.migrate import swap_neurons
+
+            for l, hs, cs in plan:
+                self.stats.bytes += swap_neurons(eng, l, hs, cs)
+                self.stats.neurons += len(hs)
+            self.stats.commit_s += time.perf_counter() - t0
+            self.stats.history.append({"token": self.tokens_total, "committed": sum(len(h) for _, h, _ in plan),
+                                       "tau": self.taus()})
+            return
         backend = eng.kernel.backend
         offsets, off, keep = [], 0, []
         for l, hs, cs in plan:
