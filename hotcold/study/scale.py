@@ -79,8 +79,8 @@ class ScaleConfig:
     rounds: int = 3
     predictor_rank: int = 128
     relu_density: float = 0.10
-    # kept out of the hot set under a byte budget: the caching allocator reserves ~1.3 GiB beyond the live
-    # tensors while the 80 layers are built (docs/gpu.md, bench/results/memprobe_70b_relu_24GiB_h200.json)
+    # kept out of the hot set under a byte budget: what torch's pool does not show (Triton, cuBLAS: 0.13 GiB
+    # at 70B shape) and the allocator's rounding, with room to spare (docs/gpu.md has the measurements)
     slack: str = "1.3GiB"
     cpu_threads: int | None = None
     device: str = "cuda"
@@ -767,6 +767,9 @@ def write_report(res: dict[str, Any], out: Path) -> Path:
                          f"{r['ms_per_token_with_migration']:.1f} | {vs} | {r['predicted_ms_per_token']:.1f} |")
         for p, why in (cell.get("skipped") or {}).items():
             lines.append(f"| {p} | — | — | — | not run: {why} | | | | | |")
+        lines += ["", "The spread is between rounds of one build; policies of equal GPU share of activations do "
+                      "the same work, and their ms/token differences measure the builds and the host, not the "
+                      "placement (compare calls before reading a ratio)."]
         rep = cell.get("replay") or {}
         for e, f in rep.items():
             lines += ["", f"Replay on the real model ({e}, share {f['share']:.3f}): oracle / fixed share of "
