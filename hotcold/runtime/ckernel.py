@@ -94,21 +94,29 @@ def _build(path: Path, source: str = SOURCE) -> None:
         os.replace(so, path)  # atomic: concurrent builders leave one complete file
 
 
+def compile_and_load(name: str, source: str) -> ctypes.CDLL | None:
+    """`source` built once per machine and source into $HOTCOLD_HOME/kernels/NAME-KEY.so and loaded, or None
+    where it cannot be built (no compiler, a failed build)."""
+    from hotcold.model.registry import home
+
+    key = hashlib.sha256((source + _cpu_key()).encode()).hexdigest()[:16]
+    path = home() / "kernels" / f"{name}-{key}.so"
+    try:
+        if not path.is_file():
+            _build(path, source)
+        return ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled library (built once per machine), or None where it cannot be built."""
     global _LIB, _TRIED
     if _TRIED:
         return _LIB
     _TRIED = True
-    from hotcold.model.registry import home
-
-    key = hashlib.sha256((SOURCE + _cpu_key()).encode()).hexdigest()[:16]
-    path = home() / "kernels" / f"threshold_down-{key}.so"
-    try:
-        if not path.is_file():
-            _build(path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError):
+    lib = compile_and_load("threshold_down", SOURCE)
+    if lib is None:
         return None
     f = lib.hc_threshold_down
     f.restype = ctypes.c_int64

@@ -20,9 +20,7 @@ turns it off.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -149,16 +147,10 @@ def load() -> ctypes.CDLL | None:
     _TRIED = True
     if os.environ.get("HOTCOLD_Q4_KERNEL", "auto") == "numba" or not available_on_this_cpu():
         return None
-    from hotcold.model.registry import home
-    from hotcold.runtime.ckernel import _build, _cpu_key
+    from hotcold.runtime.ckernel import compile_and_load
 
-    key = hashlib.sha256((SOURCE + _cpu_key()).encode()).hexdigest()[:16]
-    path = home() / "kernels" / f"q4_predictor-{key}.so"
-    try:
-        if not path.is_file():
-            _build(path, SOURCE)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError):
+    lib = compile_and_load("q4_predictor", SOURCE)
+    if lib is None:
         return None
     f = lib.hc_q4_predictor
     f.restype = ctypes.c_int64
