@@ -254,3 +254,15 @@ def test_show_reports_halves_and_against(pair):
     r = runner.invoke(app, ["profile", "show", str(ev.path), "--against", str(train.path)])
     assert r.exit_code == 0, r.output
     assert "stability across halves (5 + 5 prompts)" in r.output and "coverage curve" in r.output
+
+
+def test_smallest_is_the_stable_argsort_prefix():
+    """The dynamic rule's O(n) selection picks exactly what a stable argsort would, ties included."""
+    from hotcold.workloads.frequencies import smallest
+
+    rng = np.random.default_rng(0)
+    for t in range(400):
+        n = int(rng.integers(1, 60))
+        v = rng.integers(0, 5, n).astype(float) if t % 2 else rng.random(n)  # many ties, or none
+        m = int(rng.integers(0, n + 3))
+        assert np.array_equal(smallest(v, m), np.argsort(v, kind="stable")[:m])

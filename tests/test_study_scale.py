@@ -48,6 +48,32 @@ def test_replay_factors_are_the_hotsets_ratios(stats):
     assert f["policies"]["prompt"]["moved_per_token"] >= 0.0
 
 
+def test_traces_land_on_the_neurons_of_the_mapped_profiles(stats):
+    """The device maps the per-block traces with the map prepare used for workloads.npz: the same source
+    frequencies give the same target frequencies, and each sequence's blocks are the real model's counts."""
+    from hotcold.profiler.artifact import Profile
+    from hotcold.study.scale import load_traces
+    from hotcold.workloads.frequencies import DepthMap
+
+    path, d = stats
+    meta = json.loads((path / "workloads.json").read_text())
+    L, n_ff = meta["layers"], meta["n_ff"]
+    m = DepthMap(*meta["source_shape"], L, n_ff, seed=meta["seed"])
+    train = Profile.load(d / "train").frequencies("decode")
+    z = np.load(path / "workloads.npz")
+    assert np.allclose(m.apply(train), z["train"].astype(np.float64), atol=1e-3)
+    tr = load_traces(path, meta, L, n_ff)["held-out"]
+    sq = Profile.load(d / "eval", with_sequences=True).sequences
+    n = meta["traces"]["held-out"]["sequences"]
+    per = np.bincount(sq["block_seq"])
+    assert len(tr) == n >= 1 and sum(len(q["blocks"]) for q in tr) == per[:n].sum()
+    assert n == 1 or per[:n].sum() <= 16  # whole sequences within --trace-blocks (16)
+    b0 = np.flatnonzero(sq["block_seq"] == 0)
+    assert [bt for _, bt in tr[0]["blocks"]] == [int(v) for v in sq["block_tokens"][b0]]
+    assert np.allclose(tr[0]["blocks"][0][0], m.apply(sq["blocks"][b0[0]] / sq["block_tokens"][b0[0]]), atol=1e-6)
+    assert tr[0]["tokens"] == int(sq["tokens"][0, 1]) and tr[0]["prefill"].shape == (L, n_ff)
+
+
 def test_scale_study_cli_on_the_cpu(stats):
     path, d = stats
     out = d / "study"
@@ -67,7 +93,16 @@ def test_scale_study_cli_on_the_cpu(stats):
         assert 0.0 <= r["gpu_share_of_activations"] <= 1.0
     fx, rnd = cell["runs"]["fixed@held-out"], cell["runs"]["random@held-out"]
     assert fx["gpu_share_of_activations"] > rnd["gpu_share_of_activations"]  # the hot set beats a random one
-    assert cell["runs"]["prompt@held-out"]["migration"]["neurons_per_token"] >= 0
+    # swiglu: every policy decoded over the real model's traces; dynamic and per-prompt moved neurons in the loop
+    assert {r["mode"] for r in cell["runs"].values()} == {"trace"}
+    blocks = cell["workload"]["traces"]["held-out"]["blocks"]
+    dyn, pr, orc = (cell["runs"][f"{p}@held-out"] for p in ("dynamic", "prompt", "oracle"))
+    assert dyn["dynamic_decisions"] == blocks and dyn["timed_steps"] == blocks
+    assert pr["neurons_moved"] > 0 and pr["migration"]["stall_ms_per_token"] > 0  # re-homed, timed, charged
+    assert orc["neurons_moved"] > 0 and orc["migration"]["stall_ms_per_token"] == 0  # the ceiling is not charged
+    assert fx["neurons_moved"] == 0 and fx["ms_per_token_with_migration"] == fx["ms_per_token"]
+    assert orc["gpu_share_of_activations"] >= fx["gpu_share_of_activations"] - 1e-9  # its own top set
+    assert {r["mode"] for r in res["cells"]["relu@ffn:0.3"]["runs"].values()} == {"stationary"}
     assert cell["migrate_s_per_neuron"] and cell["migrate_s_per_neuron"] > 0  # timed on the built model
     relu = res["cells"]["relu@ffn:0.3"]
     assert set(relu["skipped"]) == set(REPLAYED) and "stationary" in relu["skipped"]["dynamic"]

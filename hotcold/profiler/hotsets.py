@@ -43,6 +43,7 @@ from hotcold.errors import IncompatibleError, InputError
 from hotcold.profiler.activation import kind_of
 from hotcold.profiler.artifact import Profile
 from hotcold.profiler.persequence import decode_counts
+from hotcold.workloads.frequencies import smallest
 
 DEFAULT_SHARES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 CHOICES = ("profile", "fixed", "adaptive", "dynamic", "prompt", "oracle", "oracle-workload", "random")
@@ -131,8 +132,8 @@ class DynamicRule:
         def se(p: np.ndarray) -> np.ndarray:
             return np.sqrt(np.clip(p * (1.0 - p), 1e-6, None) * noise)
 
-        hs = np.argsort(ema_hot, kind="stable")[:m]
-        cs = np.argsort(-ema_cold, kind="stable")[:m]
+        hs = smallest(ema_hot, m)
+        cs = smallest(-ema_cold, m)
         p_in = np.clip(ema_cold[cs] - self.margin * se(ema_cold[cs]), 0.0, 1.0)
         p_out = np.clip(ema_hot[hs] + self.margin * se(ema_hot[hs]), 0.0, 1.0)
         ok = p_in > p_out * (1 + self.hysteresis) + 1e-12

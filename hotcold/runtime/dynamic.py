@@ -45,6 +45,7 @@ import torch
 from hotcold.runtime.model import HybridModel
 from hotcold.runtime.coldkernel import gather_rows, scatter_rows
 from hotcold.solver.costmodel import CostModel
+from hotcold.workloads.frequencies import smallest
 
 
 @dataclass
@@ -144,6 +145,21 @@ class DynamicPlacement:
             eng.cold_count[l][:] = 0
         eng.count_tokens = 0
 
+    def observe(self, freq: np.ndarray) -> None:
+        """Fold one block's activation frequencies [L, n_ff] (id order) counted elsewhere (a replayed trace of
+        a real model's firing) into the EMA, as _fold does with the engine's own counts."""
+        f = np.asarray(freq, dtype=np.float64)
+        if f.shape != self.ema.shape:
+            raise ValueError(f"expected frequencies of shape {self.ema.shape}, got {f.shape}")
+        self.ema = (1 - self.alpha) * self.ema + self.alpha * f
+
+    def migrate(self, plan: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+        """Carry out a decision now: start the copies and, for a float16 model, wait for them and commit."""
+        self.stats.decisions += 1
+        if plan:
+            self._start(plan)
+            self.flush()
+
     # ---- the decision ------------------------------------------------------------------------
     def taus(self) -> list[float | None]:
         return [float(self.ema[l][g.hot_ids].min()) if g.n_hot else None for l, g in enumerate(self.eng.gl)]
@@ -158,8 +174,8 @@ class DynamicPlacement:
                 continue
             ph, pc = self.ema[l][g.hot_ids], self.ema[l][c.cold_ids]
             m = min(self.max_swaps, g.n_hot, c.n_cold)
-            hs = np.argsort(ph, kind="stable")[:m]  # coldest hot slots
-            cs = np.argsort(-pc, kind="stable")[:m]  # hottest cold slots
+            hs = smallest(ph, m)  # coldest hot slots
+            cs = smallest(-pc, m)  # hottest cold slots
             p_in = np.clip(pc[cs] - self.margin * self._se(pc[cs]), 0.0, 1.0)  # pessimistic for the swap
             p_out = np.clip(ph[hs] + self.margin * self._se(ph[hs]), 0.0, 1.0)
             ok = p_in > p_out * (1 + self.hyst) + 1e-12

@@ -26,6 +26,9 @@ from hotcold.errors import InputError
 from hotcold.quant import QTensor, hcat
 
 
+REHOME_CHUNK = 2048  # neurons per swap_neurons call in rehome
+
+
 @dataclass
 class MoveStats:
     neurons: int = 0
@@ -125,5 +128,7 @@ def rehome(eng: Any, l: int, hot_ids: Sequence[int]) -> MoveStats:
     if len(leave) != len(enter):
         raise InputError(f"layer {l}: the new hot set names neurons that are neither hot nor cold here",
                          "pass neuron ids of this layer, each once")
-    b = swap_neurons(eng, l, leave, enter)
+    b = 0
+    for i in range(0, len(leave), REHOME_CHUNK):  # in pieces: the GPU temporaries stay ~chunk x 40 KB at 70B
+        b += swap_neurons(eng, l, leave[i:i + REHOME_CHUNK], enter[i:i + REHOME_CHUNK])
     return MoveStats(neurons=int(len(leave)), bytes=b, seconds=time.perf_counter() - t0)

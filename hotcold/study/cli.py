@@ -93,6 +93,9 @@ def study_cmd(
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="--scale: timed rounds per run (the spread).")] = 3,
     layers: Annotated[Optional[int], typer.Option("--layers", min=1, help="--scale: layers to build (default: the shape's).")] = None,
     slack: Annotated[str, typer.Option("--slack", help="--scale: GPU memory kept out of the hot set under a byte budget (the allocator's rounding while the model is built, graphs, Triton).")] = "1.3GiB",
+    trace_sequences: Annotated[int, typer.Option("--trace-sequences", min=1, help="--prepare: at most this many sequences of each eval kept as traces (the real model's firing block by block, which every swiglu policy decodes over).")] = 8,
+    trace_blocks: Annotated[int, typer.Option("--trace-blocks", min=1, help="--prepare: whole sequences are kept while their blocks fit in this many (the decode time of a trace run).")] = 16,
+    trace_tokens: Annotated[int, typer.Option("--trace-tokens", min=1, help="--scale: timed decode steps per block of a trace (the block's real tokens are what dynamic and per-prompt are charged over).")] = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare placement policies at several GPU budgets: profile once, solve, export and run each.
@@ -108,7 +111,7 @@ def study_cmd(
     """
     if scale is not None or prepare is not None:
         _scale(scale, stats, prepare, profile_dir, eval_profile, hotsets, predictors, scenarios, quant, rounds, layers,
-               budgets, policies, device, new_tokens, out_dir, json_out, slack)
+               budgets, policies, device, new_tokens, out_dir, json_out, slack, trace_sequences, trace_tokens, trace_blocks)
         return
     from hotcold.study.study import StudyConfig
 
@@ -134,7 +137,8 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, Path]:
 
 
 def _scale(shape, stats, prep, profile_dir, eval_profile, hotsets, predictors, scenarios, quant, rounds, layers,
-           budgets, policies, device, new_tokens, out_dir, json_out, slack="1.3GiB") -> None:
+           budgets, policies, device, new_tokens, out_dir, json_out, slack="1.3GiB", trace_sequences=8,
+           trace_tokens=1, trace_blocks=16) -> None:
     from hotcold.errors import InputError
     from hotcold.study import scale as sc
 
@@ -145,7 +149,8 @@ def _scale(shape, stats, prep, profile_dir, eval_profile, hotsets, predictors, s
             raise InputError("--prepare needs --profile-dir and at least one --eval-profile NAME=DIR",
                              "pass e.g. --profile-dir prof/train --eval-profile mbpp-test=prof/test")
         path = sc.prepare(prep, profile_dir, evals, shape or "llama2-70b", layers, _pairs(hotsets, "--hotsets"),
-                          predictors=predictors, log=log)
+                          predictors=predictors, trace_sequences=trace_sequences,
+                          trace_blocks=trace_blocks, log=log)
         out.print(f"statistics: {path}")
         return
     if stats is None:
@@ -163,7 +168,7 @@ def _scale(shape, stats, prep, profile_dir, eval_profile, hotsets, predictors, s
                          budgets=[b.strip() for b in budgets.split(",") if b.strip()],
                          scenarios=[s.strip() for s in scenarios.split(",") if s.strip()], policies=pols,
                          rounds=rounds, tokens=new_tokens if new_tokens != 32 else 16, device=device, out=out_dir,
-                         slack=slack)
+                         slack=slack, trace_tokens=trace_tokens)
     res = sc.run_scale(cfg, log=log)
     if json_out:
         print_json(res)

@@ -79,6 +79,7 @@ class ScaleConfig:
     rounds: int = 3
     predictor_rank: int = 128
     relu_density: float = 0.10
+    trace_tokens: int = 1  # timed decode steps per block of a trace
     # kept out of the hot set under a byte budget: what torch's pool does not show (Triton, cuBLAS: 0.13 GiB
     # at 70B shape) and the allocator's rounding, with room to spare (docs/gpu.md has the measurements)
     slack: str = "1.3GiB"
@@ -112,10 +113,15 @@ class ScaleConfig:
 # ---- the statistics: made on the machine that has the real profiles ------------------------------
 def prepare(out: Path, profile: Path, evals: dict[str, Path], shape: str, layers: int | None = None,
             hotsets: dict[str, Path] | None = None, shares: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6),
-            predictors: Path | None = None, seed: int = 0, log: Log = _log) -> Path:
+            predictors: Path | None = None, seed: int = 0, trace_sequences: int = 8, trace_blocks: int = 16,
+            log: Log = _log) -> Path:
     """workloads.npz (train and each eval's frequencies mapped onto the shape), hotsets.json (each eval's
-    hot-set replay on the real model: `hotcold profile hotsets`, computed here unless given) and
-    workloads.json (where they came from) into `out`, written to a temporary folder and renamed."""
+    hot-set replay on the real model: `hotcold profile hotsets`, computed here unless given), traces.npz
+    (the first sequences of each eval, at most `trace_sequences` and as many whole ones as fit in
+    `trace_blocks` blocks, as the real model fired them: prefill counts and
+    the continuation's counts per block, in the source's own shape; the device maps them as workloads.npz
+    was mapped) and workloads.json (where they came from) into `out`, written to a temporary folder and
+    renamed."""
     import shutil
     import tempfile
 
@@ -146,6 +152,26 @@ def prepare(out: Path, profile: Path, evals: dict[str, Path], shape: str, layers
         if "prompt_moved_per_sequence" not in hs[name]:
             raise InputError(f"the hot-set result for {name} has no prompt_moved_per_sequence",
                              "re-run `hotcold profile hotsets` with this version of hotcold")
+    traces: dict[str, np.ndarray] = {}
+    trace_info: dict[str, Any] = {}
+    for name, path in evals.items():
+        sq = Profile.load(path, with_sequences=True).sequences
+        if not sq or "blocks" not in sq:
+            raise InputError(f"{path} has no per-block sequence records (the traces the policies run on)",
+                             "profile it with `hotcold profile run --per-sequence`")
+        # whole sequences in order, as many as fit in trace_blocks blocks (at least one, at most trace_sequences)
+        per = np.bincount(sq["block_seq"], minlength=int(sq["tokens"].shape[0]))
+        n = 1
+        while n < min(int(trace_sequences), len(per)) and per[: n + 1].sum() <= trace_blocks:
+            n += 1
+        keep = np.flatnonzero(sq["block_seq"] < n)
+        keep = keep[np.argsort(sq["block_seq"][keep], kind="stable")]
+        traces.update({f"{name}/prefill": sq["prefill"][:n], f"{name}/tokens": sq["tokens"][:n],
+                       f"{name}/blocks": sq["blocks"][keep], f"{name}/block_seq": sq["block_seq"][keep],
+                       f"{name}/block_tokens": sq["block_tokens"][keep]})
+        trace_info[name] = {"sequences": n, "blocks": int(len(keep)),
+                            "continuation_tokens": int(sq["block_tokens"][keep].sum()),
+                            "block": int((Profile.load(path).manifest.get("sequences") or {}).get("block") or 0)}
     sel = None
     if predictors is not None and Path(predictors).exists():
         summ = json.loads(Path(predictors).read_text())["summary"]
@@ -155,18 +181,22 @@ def prepare(out: Path, profile: Path, evals: dict[str, Path], shape: str, layers
     meta = {"shape": shape, "layers": L, "n_ff": cfg.n_ff, "seed": seed, "profiles": infos,
             "mapping": "source layers by relative depth, neurons by a shared random map with log-normal "
                        "jitter 0.25 (hotcold.workloads.frequencies.map_by_depth)",
-            "predictor": sel, "mean_frequency": {k: float(m.mean()) for k, m in zip(names, mapped)}}
+            "predictor": sel, "mean_frequency": {k: float(m.mean()) for k, m in zip(names, mapped)},
+            "source_shape": [int(srcs[0].shape[0]), int(srcs[0].shape[1])], "n_layers_mapped": L,
+            "traces": trace_info}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     np.savez_compressed(tmp / "workloads.npz", **{k: m.astype(np.float16) for k, m in zip(names, mapped)})
+    np.savez_compressed(tmp / "traces.npz", **traces)
     (tmp / "hotsets.json").write_text(json.dumps(hs) + "\n")
     (tmp / "workloads.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log(f"wrote {out}/ (workloads.npz {(out / 'workloads.npz').stat().st_size / 1e6:.1f} MB, hotsets.json)")
+    log(f"wrote {out}/ (workloads.npz {(out / 'workloads.npz').stat().st_size / 1e6:.1f} MB, traces.npz "
+        f"{(out / 'traces.npz').stat().st_size / 1e6:.1f} MB, hotsets.json)")
     return out
 
 
@@ -438,6 +468,7 @@ def child(spec: dict[str, Any], log: Log = _log) -> dict[str, Any]:
     res["neurons_that_fit"] = K
     stats = Path(spec["stats"])
     sel_ratio = 1.0
+    traces: dict[str, list[dict[str, Any]]] = {}
     if scen == "swiglu":
         z = np.load(stats / "workloads.npz")
         f_place = z["train"].astype(np.float64)[:L, :cfg.n_ff]
@@ -448,6 +479,16 @@ def child(spec: dict[str, Any], log: Log = _log) -> dict[str, Any]:
         res["workload"] = {"kind": "real statistics, mapped by depth", "profiles": meta.get("profiles"),
                            "mapping": meta.get("mapping"), "predictor": meta.get("predictor"),
                            "selected_over_active": sel_ratio}
+        if (stats / "traces.npz").exists() and meta.get("source_shape"):
+            traces = load_traces(stats, meta, L, cfg.n_ff)
+            res["workload"]["traces"] = {
+                e: {"sequences": len(v), "blocks": sum(len(q["blocks"]) for q in v),
+                    "real_tokens": sum(q["tokens"] for q in v), "timed_steps_per_block": int(spec.get("trace_tokens") or 1)}
+                for e, v in traces.items()}
+            res["workload"]["trace_note"] = (
+                "every policy decodes over the first sequences of each eval as the real model fired them, block by "
+                "block (its per-block counts mapped onto this shape); dynamic and per-prompt move neurons in the "
+                "loop and their time is charged per real token")
     else:
         f0 = wl.synthetic(L, cfg.n_ff, spec["seed"])
         gamma = wl.density_power(f0, ~wl.global_top_k_mask(f0, min(K, L * cfg.n_ff - 1)), spec["relu_density"])
@@ -460,11 +501,16 @@ def child(spec: dict[str, Any], log: Log = _log) -> dict[str, Any]:
     all_gpu = room >= full_exact
     res["all_fit"] = bool(all_gpu)
     policies = list(spec["policies"])
+    why = None
     if scen == "relu":
+        why = "the synthetic workload is stationary (no per-sequence records): nothing to react to"
+    elif not traces:
+        why = f"{stats} has no traces.npz (the real model's per-block firing): re-run --prepare with this version"
+    if why:
         for p in REPLAYED:
             if p in policies:
                 policies.remove(p)
-                res["skipped"][p] = "the synthetic workload is stationary (no per-sequence records): nothing to react to"
+                res["skipped"][p] = why
     groups: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
     if all_gpu:
         hot = np.ones((L, cfg.n_ff), dtype=bool)
@@ -536,40 +582,47 @@ def child(spec: dict[str, Any], log: Log = _log) -> dict[str, Any]:
         account = acct(n_hot, mode)
         cm = CostModel(cfg, hw, quant, cold_mode=mode, ctx_len=ctx_len,
                        **({"predictor_rank": rank} if mode == "predictor" else {}))
+
+        def common(p: str, r: dict[str, Any]) -> dict[str, Any]:
+            r.update({"policy": p, "n_hot_total": int(sum(n_hot)), "n_hot_per_layer": list(n_hot),
+                      "gpu_neuron_share": float(sum(n_hot) / (L * cfg.n_ff)), "account_gpu_bytes": account.gpu_total,
+                      "account": account.to_json(), "build_s": t_build})
+            if r.get("predicted_ms_per_token"):
+                r["model_error"] = r["predicted_ms_per_token"] / r["ms_per_token"] - 1
+            return r
+
+        if traces and not all_gpu:
+            def done(key: str, r: dict[str, Any]) -> None:
+                p, e = key.split("@")
+                res["runs"][key] = {**common(p, r), "eval": e}
+                log(f"{scen} {budget} {key}: {r['ms_per_token']:.1f} ms/token (rounds "
+                    f"{', '.join(f'{v:.1f}' for v in r['rounds_ms_per_token'])}) + {r['migration']['stall_ms_per_token']:.2f} "
+                    f"stall, GPU share of activations {r['gpu_share_of_activations']:.3f}")
+                _save_partial(res, spec)
+
+            _run_traces(eng, selector, members, traces, f_place, n_hot, sel_ratio, cm, spec, log, done)
+            members = []
         for p, hot in members:
             perm = hot_first(f_place, hot)
             hm = np.zeros_like(hot)
             for l in range(L):
                 hm[l, : int(n_hot[l])] = True
             for e, f_run in evals.items():
-                if p in REPLAYED and e not in factors:
-                    continue
-                fr = np.take_along_axis(f_run, perm, axis=1)  # in the model's neuron order (hot first)
-                ratio = np.ones(L)
-                if p in REPLAYED:
-                    ratio = np.asarray(factors[e]["policies"][p]["cold_ratio"])
-                work = np.where(hm, fr, np.clip(fr * ratio[:, None], 0, 1))  # what fires, per slot
+                work = np.take_along_axis(f_run, perm, axis=1)  # what fires, in the model's neuron order
                 sel = np.where(hm, work, np.clip(work * sel_ratio, 0, 1))  # what the predictor selects
                 r = _run_policy(eng, selector, sel, spec) if not all_gpu else _run_policy(eng, None, None, spec)
                 n_cold = sum(c.n_cold for c in eng.cl)
-                r.update({"policy": p, "eval": e, "n_hot_total": int(sum(n_hot)), "n_hot_per_layer": list(n_hot),
-                          "gpu_neuron_share": float(sum(n_hot) / (L * cfg.n_ff)),
+                r.update({"mode": "stationary", "eval": e,
                           "gpu_share_of_activations": float((work * hm).sum() / max(work.sum(), 1e-12)),
                           "expected_cold_active_per_token": float((work * ~hm).sum()),
                           "expected_cold_selected_per_token": float((sel * ~hm).sum()),
-                          "measured_cold_selected_fraction": r["cold_active_per_token"] / max(n_cold, 1),
-                          "account_gpu_bytes": account.gpu_total, "account": account.to_json(), "build_s": t_build})
+                          "measured_cold_selected_fraction": r["cold_active_per_token"] / max(n_cold, 1)})
                 pred = predict_ms(cm, sel if mode == "predictor" else np.ones_like(sel), hm)
                 r["predicted_ms_per_token"] = pred["ms_per_token"]
-                r["model_error"] = pred["ms_per_token"] / r["ms_per_token"] - 1
-                moved = factors[e]["policies"][p]["moved_per_token"] if p in REPLAYED and p != "oracle" else 0.0
-                r["migration"] = {"neurons_per_token": moved,
-                                  "bytes_per_token": moved * 2 * 3 * eng.cl[0].gate.fmt.row_bytes(cfg.dim)
-                                  if eng.cl[0].n_cold else 0.0,
-                                  "stall_ms_per_token": moved * (mig_s_per_neuron or 0.0) * 1e3,
-                                  "note": "neurons moved per token x the measured synchronous swap time per neuron "
-                                          "(hotcold.runtime.migrate.swap_neurons on this model)"}
-                r["ms_per_token_with_migration"] = r["ms_per_token"] + r["migration"]["stall_ms_per_token"]
+                common(p, r)
+                r["migration"] = {"neurons_per_token": 0.0, "bytes_per_token": 0.0, "stall_ms_per_token": 0.0,
+                                  "note": "no migration"}
+                r["ms_per_token_with_migration"] = r["ms_per_token"]
                 key = f"{p}@{e}" if not all_gpu else "all-gpu"
                 res["runs"][key] = r
                 log(f"{scen} {budget} {key}: {r['ms_per_token']:.1f} ms/token (rounds "
@@ -614,6 +667,186 @@ def _time_migration(eng: Any, log: Log) -> float | None:
             log(f"swap_neurons on layer {l}: {m} neurons in {t * 1e3:.1f} ms ({1e6 * t / m:.1f} us/neuron)")
             return t / m
     return None
+
+
+# ---- the traces: the real model's firing, block by block, replayed in the decode loop ---------------
+def load_traces(stats: Path, meta: dict[str, Any], L: int, n_ff: int) -> dict[str, list[dict[str, Any]]]:
+    """traces.npz mapped onto the target as workloads.npz was (hotcold.workloads.frequencies.DepthMap with
+    the statistics' seed): per eval, a list of sequences {prefill, continuation: [L, n_ff] frequencies,
+    blocks: [(frequencies [L, n_ff], real tokens)], tokens}, in the profile's (logical) neuron order."""
+    from hotcold.workloads.frequencies import DepthMap
+
+    z = np.load(Path(stats) / "traces.npz")
+    Ls, Fs = meta["source_shape"]
+    m = DepthMap(int(Ls), int(Fs), int(meta["n_layers_mapped"]), int(meta["n_ff"]), seed=int(meta.get("seed", 0)))
+    cut = lambda f: np.ascontiguousarray(m.apply(f)[:L, :n_ff], dtype=np.float32)  # noqa: E731
+    out: dict[str, list[dict[str, Any]]] = {}
+    for e in sorted({k.rsplit("/", 1)[0] for k in z.files}):
+        pre, tok, blk, bseq, btok = (z[f"{e}/{k}"] for k in ("prefill", "tokens", "blocks", "block_seq", "block_tokens"))
+        seqs = []
+        for s_ in range(pre.shape[0]):
+            bi = np.flatnonzero(bseq == s_)
+            if not len(bi):
+                continue
+            n_tok = int(btok[bi].sum())
+            seqs.append({"prefill": cut(pre[s_] / max(int(tok[s_, 0]), 1)),
+                         "continuation": cut(blk[bi].astype(np.float64).sum(0) / max(n_tok, 1)),
+                         "blocks": [(cut(blk[b] / max(int(btok[b]), 1)), int(btok[b])) for b in bi],
+                         "tokens": n_tok})
+        out[e] = seqs
+    return out
+
+
+def _hot_mask_now(eng: Any) -> np.ndarray:
+    hm = np.zeros((eng.L, eng.cfg.n_ff), dtype=bool)
+    for l, g in enumerate(eng.gl):
+        hm[l][g.hot_ids] = True
+    return hm
+
+
+def _restore(eng: Any, n_hot: tuple[int, ...]) -> None:
+    """Back to the build's placement (ids below n_hot[l] hot), after a policy that moved neurons."""
+    from hotcold.runtime.migrate import rehome
+
+    for l, g in enumerate(eng.gl):
+        if g.n_hot and eng.cl[l].n_cold and int(g.hot_ids.max()) >= n_hot[l]:
+            rehome(eng, l, np.arange(n_hot[l]))
+
+
+def _trace_run(eng: Any, selector: Any, seqs: list[dict[str, Any]], perm: np.ndarray, n_hot: tuple[int, ...],
+               policy: str, sel_ratio: float, cm: Any, prior: np.ndarray, spec: dict[str, Any],
+               predict: bool) -> dict[str, Any]:
+    """One pass over an eval's trace with one policy. Each block of the real model's continuation sets the
+    sampled predictor's probabilities (what fires; cold neurons selected sel_ratio times as often) and
+    decodes `trace_tokens` timed steps. Policies act between steps, on the built model, timed:
+      dynamic  hotcold.runtime.dynamic.DynamicPlacement fed each block's real counts (observe), then its
+               decision and its migration (swap_neurons), as the runtime does every `every` tokens
+      prompt   before each sequence, every layer re-homed to the prompt's own top set (its prefill counts)
+      oracle   the same with the continuation's top set (not runnable; its moves are not charged)
+    The stall (decisions and moves) is charged per real continuation token of the trace; the decode time
+    per timed step."""
+    from hotcold.bench.fits import predict_ms
+    from hotcold.runtime.migrate import rehome
+
+    L, n_ff = eng.L, eng.cfg.n_ff
+    _restore(eng, n_hot)
+    order = lambda f: np.take_along_axis(f, perm, axis=1)  # noqa: E731 - logical -> the model's ids
+    dyn = None
+    if policy == "dynamic":
+        from hotcold.runtime.dynamic import DynamicPlacement
+
+        block = max(int(np.median([bt for sq in seqs for _, bt in sq["blocks"]])), 1)
+        dyn = DynamicPlacement(eng, cm, order(prior), every=block)
+        dyn.enabled, eng.stats_on = False, False  # fed by observe(), not by the engine's counters
+    a = {k: 0.0 for k in ("decode_s", "cpu_kernel_s", "cpu_bytes", "cold_active", "stall_s", "unpaid_s",
+                          "real_tokens", "caught", "fired", "cold_fired", "cold_selected", "pred")}
+    steps, moved, moved_bytes, tpb = 0, 0, 0, int(spec.get("trace_tokens") or 1)
+    eng.reset()
+    eng.step(1)
+    try:
+        for sq in seqs:
+            if policy in ("prompt", "oracle"):
+                key = order(sq["prefill" if policy == "prompt" else "continuation"])
+                t0 = time.perf_counter()
+                for l in range(L):
+                    k = int(n_hot[l])
+                    if 0 < k < n_ff:
+                        ms = rehome(eng, l, np.argpartition(-key[l], k - 1)[:k])
+                        moved += ms.neurons
+                        moved_bytes += ms.bytes
+                a["stall_s" if policy == "prompt" else "unpaid_s"] += time.perf_counter() - t0
+            for w_log, bt in sq["blocks"]:
+                w = order(w_log)
+                hm = _hot_mask_now(eng)
+                sel = np.where(hm, w, np.minimum(w * sel_ratio, 1.0))
+                selector.set_probabilities(sel)
+                for _ in range(tpb):
+                    st = eng.step(None)
+                    a["decode_s"] += st.seconds
+                    a["cpu_kernel_s"] += st.cpu_kernel_s
+                    a["cpu_bytes"] += st.cpu_bytes
+                    a["cold_active"] += st.cold_active
+                    steps += 1
+                a["real_tokens"] += bt
+                a["caught"] += float((w * hm).sum()) * bt
+                a["fired"] += float(w.sum()) * bt
+                a["cold_fired"] += float((w * ~hm).sum()) * bt
+                a["cold_selected"] += float((sel * ~hm).sum()) * bt
+                if predict:
+                    a["pred"] += predict_ms(cm, sel, hm)["ms_per_token"] * bt
+                if dyn is not None:
+                    t0 = time.perf_counter()
+                    dyn.observe(w)
+                    dyn.migrate(dyn.decide())
+                    a["stall_s"] += time.perf_counter() - t0
+    finally:
+        if dyn is not None:
+            eng.hooks.remove(dyn)
+            eng.stats_on = False
+    if dyn is not None:
+        moved, moved_bytes = dyn.stats.neurons, dyn.stats.bytes
+    n_cold = sum(c.n_cold for c in eng.cl)
+    rt = max(a["real_tokens"], 1.0)
+    return {"ms_per_token": 1e3 * a["decode_s"] / max(steps, 1), "timed_steps": steps,
+            "real_tokens": int(a["real_tokens"]), "sequences": len(seqs),
+            "blocks": sum(len(sq["blocks"]) for sq in seqs),
+            "stall_ms_per_token": 1e3 * a["stall_s"] / rt, "unpaid_ms_per_token": 1e3 * a["unpaid_s"] / rt,
+            "neurons_moved": int(moved), "bytes_moved": int(moved_bytes),
+            "cpu_kernel_ms_per_token": 1e3 * a["cpu_kernel_s"] / max(steps, 1),
+            "cpu_GBps": a["cpu_bytes"] / a["cpu_kernel_s"] / 1e9 if a["cpu_kernel_s"] else None,
+            "cpu_MB_per_token": a["cpu_bytes"] / max(steps, 1) / 1e6,
+            "cold_active_per_token": a["cold_active"] / max(steps, 1),
+            "measured_cold_selected_fraction": a["cold_active"] / max(steps, 1) / max(n_cold, 1),
+            "gpu_share_of_activations": a["caught"] / max(a["fired"], 1e-12),
+            "expected_cold_active_per_token": a["cold_fired"] / rt,
+            "expected_cold_selected_per_token": a["cold_selected"] / rt,
+            "predicted_ms_per_token": a["pred"] / rt if predict else None,
+            "dynamic_decisions": dyn.stats.decisions if dyn is not None else None}
+
+
+def _run_traces(eng: Any, selector: Any, members: list[tuple[str, np.ndarray]], traces: dict[str, list],
+                f_place: np.ndarray, n_hot: tuple[int, ...], sel_ratio: float, cm: Any, spec: dict[str, Any],
+                log: Log, done: Callable[[str, dict[str, Any]], None]) -> None:
+    """Every (policy, eval) of one build over the traces, rounds interleaved (round r starts r policies
+    later), so a drift of the host over the call does not favour the policies that run late."""
+    from hotcold.bench.runs import run_engine
+
+    run_engine(eng, 2, 2, gpu_probe=0)  # capture, warm
+    perms = {p: hot_first(f_place, hot) for p, hot in members}
+    got: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    R = int(spec["rounds"])
+    for r in range(R):
+        k = r % len(members)
+        for p, _ in members[k:] + members[:k]:
+            for e, seqs in traces.items():
+                rr = _trace_run(eng, selector, seqs, perms[p], n_hot, p, sel_ratio, cm, f_place, spec, predict=r == 0)
+                got.setdefault((p, e), []).append(rr)
+                log(f"  round {r + 1}/{R} {p}@{e}: {rr['ms_per_token']:.1f} ms/token + {rr['stall_ms_per_token']:.2f} "
+                    f"stall, GPU share of activations {rr['gpu_share_of_activations']:.3f}")
+    _restore(eng, n_hot)
+    for (p, e), rs in got.items():
+        ms = [x["ms_per_token"] for x in rs]
+        stall = [x["stall_ms_per_token"] for x in rs]
+        tot = [m + s_ for m, s_ in zip(ms, stall)]
+        r0 = dict(rs[0])
+        r0.update({"mode": "trace", "rounds_ms_per_token": ms, "ms_per_token": float(np.median(ms)),
+                   "ms_per_token_spread": [float(min(ms)), float(max(ms))],
+                   "rounds_stall_ms_per_token": stall, "rounds_total_ms_per_token": tot,
+                   "total_spread": [float(min(tot)), float(max(tot))],
+                   "cpu_GBps": float(np.median([x["cpu_GBps"] or 0.0 for x in rs])),
+                   "rounds_cpu_GBps": [x["cpu_GBps"] for x in rs]})
+        r0["migration"] = {"neurons_per_token": r0["neurons_moved"] / max(r0["real_tokens"], 1),
+                           "bytes_per_token": r0["bytes_moved"] / max(r0["real_tokens"], 1),
+                           "stall_ms_per_token": float(np.median(stall)),
+                           "unpaid_ms_per_token": r0["unpaid_ms_per_token"],
+                           "note": {"dynamic": "DynamicPlacement's decisions and swap_neurons moves, timed in the loop, "
+                                               "per real continuation token of the trace",
+                                    "prompt": "re-homing every layer to the prompt's top set before each sequence, "
+                                              "timed, per real continuation token",
+                                    "oracle": "re-homing to the continuation's own top set: timed but not charged "
+                                              "(known only after the continuation)"}.get(p, "no migration")}
+        r0["ms_per_token_with_migration"] = float(np.median(tot))
+        done(f"{p}@{e}", r0)
 
 
 def _run_policy(eng: Any, selector: Any, probs: np.ndarray | None, spec: dict[str, Any]) -> dict[str, Any]:
@@ -677,7 +910,7 @@ def run_scale(c: ScaleConfig, log: Log = _log) -> dict[str, Any]:
                     "policies": list(c.policies), "tokens": c.tokens, "warm": c.warm, "rounds": c.rounds,
                     "relu_density": c.relu_density, "seed": c.seed, "device": c.device, "cpu_threads": c.cpu_threads,
                     "time_limit": c.time_limit, "hw": hw.to_json() if hw else None, "selected_over_active": 1.5,
-                    "migrate_s_per_neuron": mig, "result": str(out / f".{key}.json")}
+                    "migrate_s_per_neuron": mig, "trace_tokens": c.trace_tokens, "result": str(out / f".{key}.json")}
             sp = out / f".{key}.spec.json"
             sp.write_text(json.dumps(spec))
             log(f"cell {key}")
@@ -725,10 +958,12 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
                    "gpu_peak_GiB": cell.get("gpu_peak_GiB"), "predicted": r.get("predicted_ms_per_token")}
             if base:
                 row["speedup_vs_fixed"] = base["ms_per_token"] / r["ms_per_token_with_migration"]
-                lo_b, hi_b = base["ms_per_token_spread"]
-                lo, hi = r["ms_per_token_spread"]
-                row["beyond_spread"] = bool(r["ms_per_token_with_migration"] < lo_b and hi < lo_b) or \
-                    bool(lo > hi_b)
+                lo_b, hi_b = base.get("total_spread") or base["ms_per_token_spread"]
+                lo, hi = r.get("total_spread") or r["ms_per_token_spread"]
+                row["beyond_spread"] = bool(hi < lo_b) or bool(lo > hi_b)
+                rb, rp = base.get("rounds_total_ms_per_token"), r.get("rounds_total_ms_per_token")
+                if rb and rp and len(rb) == len(rp):  # trace mode: rounds interleaved, so paired
+                    row["paired_speedups"] = [b / x for b, x in zip(rb, rp)]
             rows.append(row)
     return rows
 
@@ -767,15 +1002,27 @@ def write_report(res: dict[str, Any], out: Path) -> Path:
                          f"{r['ms_per_token_with_migration']:.1f} | {vs} | {r['predicted_ms_per_token']:.1f} |")
         for p, why in (cell.get("skipped") or {}).items():
             lines.append(f"| {p} | — | — | — | not run: {why} | | | | | |")
+        tr = (cell.get("workload") or {}).get("traces")
+        if tr:
+            lines += ["", "Every policy decoded over the same traces: " + "; ".join(
+                f"{e}: {t['sequences']} sequences, {t['blocks']} blocks, {t['real_tokens']} real tokens, "
+                f"{t['timed_steps_per_block']} timed step(s) per block" for e, t in tr.items()) +
+                ". Rounds are interleaved (round r starts r policies later); migration is the policy's own "
+                "decisions and moves, timed in the loop and charged per real token; `paired` is fixed's round "
+                "over the policy's round, round by round."]
+            pairs = {(row["eval"], row["policy"]): row.get("paired_speedups") for row in summarize({"cells": {key: cell}})}
+            pl = [f"{p}@{e} {', '.join(f'{v:.3f}' for v in v_)}" for (e, p), v_ in pairs.items() if v_ and p != "fixed"]
+            if pl:
+                lines += ["", "Paired speed-ups over fixed (per round): " + "; ".join(pl) + "."]
         lines += ["", "The spread is between rounds of one build; policies of equal GPU share of activations do "
                       "the same work, and their ms/token differences measure the builds and the host, not the "
                       "placement (compare calls before reading a ratio)."]
         rep = cell.get("replay") or {}
         for e, f in rep.items():
-            lines += ["", f"Replay on the real model ({e}, share {f['share']:.3f}): oracle / fixed share of "
-                          f"activations on the GPU = {f['oracle_over_fixed']:.3f}; " +
-                      "; ".join(f"{p} {v['caught_overall']:.3f} vs {v['reference']} {v['reference_caught_overall']:.3f}, "
-                                f"{v['moved_per_token']:.0f} neurons/token moved" for p, v in f["policies"].items())]
+            lines += ["", f"Hot-set replay on the real model itself (`hotcold profile hotsets`, {e}, all its sequences, "
+                          f"share {f['share']:.3f}): GPU share of activations fixed {f['fixed_caught_overall']:.3f}, " +
+                      ", ".join(f"{p} {v['caught_overall']:.3f}" for p, v in f["policies"].items()) +
+                      f"; oracle / fixed = {f['oracle_over_fixed']:.3f} (the ceiling of any per-prompt hot set)."]
         lines.append("")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     try:

@@ -45,19 +45,44 @@ def depth_index(n_layers: int, n_src: int) -> list[int]:
     return [int(round(l / max(n_layers - 1, 1) * (n_src - 1))) for l in range(n_layers)]
 
 
+class DepthMap:
+    """The map of `map_by_depth` as an object: `apply` maps any [L_src, n_src] array of the source model
+    (a profile, one sequence's prefill, one block of its continuation) the same way, so per-sequence
+    records of the source land on the same target neurons as its profiles."""
+
+    def __init__(self, L_src: int, n_src: int, n_layers: int, n_ff: int, seed: int = 0, jitter: float = 0.25):
+        rng = np.random.default_rng(seed)
+        self.shape_src = (L_src, n_src)
+        self.src_layer = depth_index(n_layers, L_src)
+        self.idx = np.stack([rng.permutation(n_ff) % n_src for _ in range(n_layers)])
+        self.noise = np.exp(jitter * rng.standard_normal((n_layers, n_ff)))
+
+    def apply(self, f: np.ndarray) -> np.ndarray:
+        if tuple(f.shape) != self.shape_src:
+            raise ValueError(f"expected a source array of shape {self.shape_src}, got {tuple(f.shape)}")
+        g = np.take_along_axis(np.asarray(f, dtype=np.float64)[self.src_layer], self.idx, axis=1) * self.noise
+        return np.clip(g, 0.0, 1.0)
+
+
 def map_by_depth(sources: Sequence[np.ndarray], n_layers: int, n_ff: int, seed: int = 0,
                  jitter: float = 0.25) -> list[np.ndarray]:
     """Each source [L_src, n_src] -> [n_layers, n_ff] with one shared neuron map and jitter."""
-    L_src, n_src = sources[0].shape
-    rng = np.random.default_rng(seed)
-    src_layer = depth_index(n_layers, L_src)
-    idx = np.stack([rng.permutation(n_ff) % n_src for _ in range(n_layers)])
-    noise = np.exp(jitter * rng.standard_normal((n_layers, n_ff)))
-    out = []
-    for f in sources:
-        g = np.take_along_axis(f[src_layer], idx, axis=1) * noise
-        out.append(np.clip(g, 0.0, 1.0))
-    return out
+    m = DepthMap(*sources[0].shape, n_layers, n_ff, seed=seed, jitter=jitter)
+    return [m.apply(f) for f in sources]
+
+
+def smallest(v: np.ndarray, m: int) -> np.ndarray:
+    """The indices of the m smallest values of v, smallest first, ties by index: np.argsort(v,
+    kind="stable")[:m] in O(n) (one partition and a sort of m) — the decision runs every block, per layer."""
+    n = len(v)
+    if m >= n:
+        return np.argsort(v, kind="stable")
+    if m <= 0:
+        return np.zeros(0, dtype=np.int64)
+    thr = np.partition(v, m - 1)[m - 1]
+    lt = np.flatnonzero(v < thr)
+    idx = np.concatenate([lt, np.flatnonzero(v == thr)[: m - len(lt)]])
+    return idx[np.lexsort((idx, v[idx]))]
 
 
 def global_top_k_mask(f: np.ndarray, k: int) -> np.ndarray:
