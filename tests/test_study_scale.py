@@ -118,3 +118,12 @@ def test_scale_study_refuses_missing_statistics(tmp_path):
                         "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "workloads.npz does not exist" in p.stderr and "--prepare" in p.stderr
+
+
+def test_scale_study_refuses_an_unknown_cell(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "hotcold", "study", "--scale", "tiny", "--scenarios", "relu",
+                        "--budgets", "ffn:0.3", "--cells", "swiglu@ffn:0.3", "--device", "cpu", "--stats", str(tmp_path),
+                        "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "'swiglu@ffn:0.3' is not one of" in p.stderr and "relu@ffn:0.3" in p.stderr

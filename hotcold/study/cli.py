@@ -96,6 +96,7 @@ def study_cmd(
     trace_sequences: Annotated[int, typer.Option("--trace-sequences", min=1, help="--prepare: at most this many sequences of each eval kept as traces (the real model's firing block by block, which every swiglu policy decodes over).")] = 8,
     trace_blocks: Annotated[int, typer.Option("--trace-blocks", min=1, help="--prepare: whole sequences are kept while their blocks fit in this many (the decode time of a trace run).")] = 16,
     trace_tokens: Annotated[int, typer.Option("--trace-tokens", min=1, help="--scale: timed decode steps per block of a trace (the block's real tokens are what dynamic and per-prompt are charged over).")] = 1,
+    cells: Annotated[str, typer.Option("--cells", help="--scale: only these SCENARIO@BUDGET cells of --scenarios x --budgets (e.g. relu@24GiB,swiglu@48GiB); default all.")] = "",
     json_out: JsonOpt = False,
 ) -> None:
     """Compare placement policies at several GPU budgets: profile once, solve, export and run each.
@@ -111,7 +112,7 @@ def study_cmd(
     """
     if scale is not None or prepare is not None:
         _scale(scale, stats, prepare, profile_dir, eval_profile, hotsets, predictors, scenarios, quant, rounds, layers,
-               budgets, policies, device, new_tokens, out_dir, json_out, slack, trace_sequences, trace_tokens, trace_blocks)
+               budgets, policies, device, new_tokens, out_dir, json_out, slack, trace_sequences, trace_tokens, trace_blocks, cells)
         return
     from hotcold.study.study import StudyConfig
 
@@ -138,7 +139,7 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, Path]:
 
 def _scale(shape, stats, prep, profile_dir, eval_profile, hotsets, predictors, scenarios, quant, rounds, layers,
            budgets, policies, device, new_tokens, out_dir, json_out, slack="1.3GiB", trace_sequences=8,
-           trace_tokens=1, trace_blocks=16) -> None:
+           trace_tokens=1, trace_blocks=16, cells="") -> None:
     from hotcold.errors import InputError
     from hotcold.study import scale as sc
 
@@ -168,7 +169,8 @@ def _scale(shape, stats, prep, profile_dir, eval_profile, hotsets, predictors, s
                          budgets=[b.strip() for b in budgets.split(",") if b.strip()],
                          scenarios=[s.strip() for s in scenarios.split(",") if s.strip()], policies=pols,
                          rounds=rounds, tokens=new_tokens if new_tokens != 32 else 16, device=device, out=out_dir,
-                         slack=slack, trace_tokens=trace_tokens)
+                         slack=slack, trace_tokens=trace_tokens,
+                         cells=[k.strip() for k in cells.split(",") if k.strip()])
     res = sc.run_scale(cfg, log=log)
     if json_out:
         print_json(res)

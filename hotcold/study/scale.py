@@ -80,6 +80,7 @@ class ScaleConfig:
     predictor_rank: int = 128
     relu_density: float = 0.10
     trace_tokens: int = 1  # timed decode steps per block of a trace
+    cells: list[str] = field(default_factory=list)  # SCENARIO@BUDGET to run (empty: every combination)
     # kept out of the hot set under a byte budget: what torch's pool does not show (Triton, cuBLAS: 0.13 GiB
     # at 70B shape) and the allocator's rounding, with room to spare (docs/gpu.md has the measurements)
     slack: str = "1.3GiB"
@@ -106,6 +107,11 @@ class ScaleConfig:
                 if not (Path(self.stats) / f).exists():
                     raise InputError(f"{Path(self.stats) / f} does not exist (the swiglu scenario's statistics)",
                                      "make them with `hotcold study --scale SHAPE --prepare DIR --profile-dir P --eval-profile NAME=E`")
+        every = {f"{s_}@{b}" for s_ in self.scenarios for b in self.budgets}
+        bad = [k for k in self.cells if k not in every]
+        if bad:
+            raise InputError(f"cell {bad[0]!r} is not one of --scenarios x --budgets ({', '.join(sorted(every))})",
+                             "name cells as SCENARIO@BUDGET, e.g. --cells relu@24GiB,swiglu@48GiB")
         if self.rounds < 1 or self.tokens < 1:
             raise InputError("--rounds and --tokens must be at least 1", "pass e.g. --rounds 3 --tokens 16")
 
@@ -174,8 +180,12 @@ def prepare(out: Path, profile: Path, evals: dict[str, Path], shape: str, layers
                             "block": int((Profile.load(path).manifest.get("sequences") or {}).get("block") or 0)}
     sel = None
     if predictors is not None and Path(predictors).exists():
-        summ = json.loads(Path(predictors).read_text())["summary"]
-        sel = {"selected_over_active": summ["selected_fraction_median"] / 0.5, "source": str(predictors),
+        pj = json.loads(Path(predictors).read_text())
+        summ = pj["summary"]
+        ratios = [x["selected_fraction"] / x["active_fraction"] for x in pj.get("layers") or []
+                  if x.get("active_fraction")]
+        sel = {"selected_over_active": float(np.median(ratios)) if ratios else summ["selected_fraction_median"] / 0.5,
+               "source": str(predictors), "model": (pj.get("settings") or {}).get("model"),
                "recall": summ["recall_median"], "precision": summ["precision_median"],
                "selected_fraction": summ["selected_fraction_median"]}
     meta = {"shape": shape, "layers": L, "n_ff": cfg.n_ff, "seed": seed, "profiles": infos,
@@ -905,6 +915,8 @@ def run_scale(c: ScaleConfig, log: Log = _log) -> dict[str, Any]:
     for scen in c.scenarios:
         for budget in c.budgets:
             key = f"{scen}@{budget}"
+            if c.cells and key not in c.cells:
+                continue
             spec = {"scenario": scen, "budget": budget, "shape": c.shape, "layers": c.layers, "quant": c.quant,
                     "ctx_len": c.ctx_len, "rank": c.predictor_rank, "stats": str(c.stats), "slack": slack,
                     "policies": list(c.policies), "tokens": c.tokens, "warm": c.warm, "rounds": c.rounds,
