@@ -4,6 +4,7 @@ the dense model and hybrid placements at GPU shares x activation sparsities x {f
     python bench/bench_quality_grid.py --model qwen2.5-coder-1.5b [--prompts 8] [--shares 0.3,0.1,0.6]
         [--sparsities 0.3,0.5,0.7] [--policies fixed,adaptive] [--rules product,gate] [--dtype bfloat16]
         [--profile DIR] [--out bench/results/quality_grid_qwen2.5-coder-1.5b.json] [--plot PNG]
+        [--modes threshold,predictor --heldout DIR]
     python bench/bench_quality_grid.py --plot-only --out JSON --plot PNG      (redraw from a finished grid)
 
 How each grid point is run, through the runtime's public API only:
@@ -20,6 +21,12 @@ How each grid point is run, through the runtime's public API only:
              prompt prefilled densely, then the reference code teacher-forced through the decode path
              (forward(tokens, start, cache, sparse=True): every token its own active set);
   dense      the first bundle in mode "exact" (the runtime's dense path, same weights and dtype).
+  predictor  with --modes ...,predictor each (share, policy, rule, sparsity) gets its own bundle, exported
+             with --predictors at that sparsity (hotcold.exporter.predictors: per-layer low-rank MLPs trained
+             on the profile's samples for the threshold rule's active set at target recall 0.9, evaluated on
+             --heldout), and is run in mode "predictor" (hot neurons dense, the cold neurons the predictor
+             selects computed whole) and, from the same bundle, in mode "threshold"; the point records the
+             predictors' held-out recall, precision and selected fraction per layer.
 Metrics (hotcold.quality.metrics) over all reference positions of all prompts: argmax agreement with dense,
 mean KL(dense || hybrid), perplexity of the reference code. Results are rewritten after every grid point,
 and a re-run with the same scoring settings (model, profile, prompts, dtype) keeps the points already in --out
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,15 +73,16 @@ def plot(state: dict, path: Path) -> None:
 
     lines: dict[tuple, list[dict]] = {}
     for p in state["points"]:
-        lines.setdefault((p["share"], p["policy"], p["rule"]), []).append(p)
+        lines.setdefault((p["share"], p["policy"], p["rule"], p.get("mode", "threshold")), []).append(p)
     shares = sorted({k[0] for k in lines})
     colors = dict(zip(shares, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for (share, pol, rule), pts in sorted(lines.items()):
+    for (share, pol, rule, md), pts in sorted(lines.items()):
         pts = sorted(pts, key=lambda p: p["sparsity"])
         xs = [p["sparsity"] for p in pts]
-        style = dict(color=colors[share], ls="-" if pol == "fixed" else "--",
-                     marker="o" if rule == "product" else "x", label=f"{share:.0%} GPU, {pol}, {rule}")
+        style = dict(color=colors[share], ls=":" if md == "predictor" else "-" if pol == "fixed" else "--",
+                     marker="o" if rule == "product" else "x",
+                     label=f"{share:.0%} GPU, {pol}, {rule}" + (", predictor" if md == "predictor" else ""))
         ax1.plot(xs, [p["agreement"] for p in pts], **style)
         ax2.plot(xs, [p["kl_mean"] for p in pts], **style)
     ax1.set(xlabel="activation sparsity of the cold side", ylabel="next-token agreement with dense",
@@ -82,7 +91,7 @@ def plot(state: dict, path: Path) -> None:
             title="KL (lower is better)")
     ax2.legend(fontsize=7)
     n = state["dense"]["positions"] if state.get("dense") else 0
-    fig.suptitle(f"{state['settings'].get('model', '')}: hot neurons dense, cold thresholded; {n} MBPP test "
+    fig.suptitle(f"{state['settings'].get('model', '')}: hot neurons dense, cold thresholded (or predicted); {n} MBPP test "
                  "reference positions", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +117,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="PNG: agreement and KL against sparsity, one line per share/policy/rule")
     ap.add_argument("--plot-only", action="store_true", help="only redraw --plot from the grid already in --out")
+    ap.add_argument("--modes", default="threshold", help="threshold and/or predictor (predictor: one bundle per sparsity)")
+    ap.add_argument("--heldout", default=None, help="predictor mode: a held-out profile with samples (MBPP validation)")
     args = ap.parse_args()
     if args.plot_only:
         if not (args.out and args.plot and Path(args.out).is_file()):
@@ -149,7 +160,11 @@ def main() -> None:
             state["points"], state["dense"] = old.get("points", []), old.get("dense")
             state["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
             log(f"resuming: {len(state['points'])} grid points already in {out}")
-    done = {(p["share"], p["policy"], p["rule"], p["sparsity"]) for p in state["points"]}
+    modes = [m_.strip() for m_ in args.modes.split(",") if m_.strip()]
+    if not set(modes) <= {"threshold", "predictor"}:
+        raise SystemExit(f"--modes {args.modes!r}: use threshold and/or predictor")
+    heldout = Profile.load(args.heldout, with_samples=True) if args.heldout else None
+    done = {(p["share"], p["policy"], p["rule"], p["sparsity"], p.get("mode", "threshold")) for p in state["points"]}
 
     def save() -> None:
         state["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -190,41 +205,60 @@ def main() -> None:
         return row
 
     dense_logits: list[torch.Tensor] | None = None
+    per_sparsity = "predictor" in modes  # predictors are trained for one sparsity: a bundle each
     order = [(s, pol, rule) for s in shares for pol in policies for rule in rules]
     for i, (share, pol, rule) in enumerate(order):
-        todo = [sp for sp in sparsities if (share, pol, rule, sp) not in done]
+        todo = [sp for sp in sparsities if any((share, pol, rule, sp, md) not in done for md in modes)]
         if not todo:
             continue
         t0 = time.perf_counter()
         placement, _ = placement_at_share(prof, share, pol, args.hardware, dtype=args.dtype)
-        bdir = work / f"bundle-{pol}-{share}-{rule}"
-        if not (bdir / "manifest.json").is_file():
-            log(f"[{i + 1}/{len(order)}] export {pol} @ {share:.0%} GPU, {rule} rule -> {bdir}")
-            export_bundle(src, placement, bdir, profile=prof,
-                          options=ExportOptions(dtype=args.dtype, rule=rule, sparsity=0.5))
-        t_export = time.perf_counter() - t0
-        if dense_logits is None:
-            m = load(str(bdir), mode="exact", device="cpu", max_len=4096)
-            dense_logits = run(m, sparse=False)
-            del m
-            state["dense"] = {**score(dense_logits, None), "how": f"runtime mode exact on {bdir.name} ({args.dtype})"}
-            log(f"dense: perplexity {state['dense']['perplexity']:.3f} over {state['dense']['positions']} positions")
-            save()
-        for sp in todo:
-            t1 = time.perf_counter()
-            m = load(str(bdir), mode="threshold", prefill="dense", device="cpu", max_len=4096,
-                     thresholds=thresholds[rule][sp])
-            row = {"share": share, "policy": pol, "rule": rule, "sparsity": sp,
-                   "hot_fraction": float(placement.n_hot.sum()) / (cfg.n_layers * cfg.n_ff),
-                   **score(run(m, sparse=True), dense_logits),
-                   "seconds": {"export": round(t_export, 1), "eval": round(time.perf_counter() - t1, 1)}}
-            del m
-            state["points"].append(row)
-            save()
-            log(f"{pol} @ {share:.0%} GPU ({row['hot_fraction']:.1%} held), {rule} rule, sparsity {sp}: agreement "
-                f"{row['agreement']:.4f}, KL {row['kl_mean']:.4f}, ppl {row['perplexity']:.3f} "
-                f"(dense {state['dense']['perplexity']:.3f})")
-        shutil.rmtree(bdir, ignore_errors=True)
+        for sp in todo if per_sparsity else [None]:
+            bdir = work / (f"bundle-{pol}-{share}-{rule}" + (f"-s{sp}-pred" if per_sparsity else ""))
+            report = None
+            if not (bdir / "manifest.json").is_file():
+                log(f"[{i + 1}/{len(order)}] export {pol} @ {share:.0%} GPU, {rule} rule"
+                    + (f", predictors at sparsity {sp}" if per_sparsity else "") + f" -> {bdir}")
+                opts = ExportOptions(dtype=args.dtype, rule=rule, sparsity=sp if per_sparsity else 0.5,
+                                     predictors=per_sparsity)
+                report = export_bundle(src, placement, bdir, profile=prof, heldout=heldout, options=opts,
+                                       log=log).predictor_report
+            t_export = time.perf_counter() - t0
+            if dense_logits is None:
+                m = load(str(bdir), mode="exact", device="cpu", max_len=4096)
+                dense_logits = run(m, sparse=False)
+                del m
+                state["dense"] = {**score(dense_logits, None), "how": f"runtime mode exact on {bdir.name} ({args.dtype})"}
+                log(f"dense: perplexity {state['dense']['perplexity']:.3f} over {state['dense']['positions']} positions")
+                save()
+            for sp_ in [sp] if per_sparsity else todo:
+                for md in modes:
+                    if (share, pol, rule, sp_, md) in done:
+                        continue
+                    t1 = time.perf_counter()
+                    kw = {"thresholds": thresholds[rule][sp_]} if md == "threshold" else {}
+                    m = load(str(bdir), mode=md, prefill="dense", device="cpu", max_len=4096, **kw)
+                    row = {"share": share, "policy": pol, "rule": rule, "sparsity": sp_, "mode": md,
+                           "hot_fraction": float(placement.n_hot.sum()) / (cfg.n_layers * cfg.n_ff),
+                           **score(run(m, sparse=True), dense_logits),
+                           "seconds": {"export": round(t_export, 1), "eval": round(time.perf_counter() - t1, 1)}}
+                    if md == "predictor" and report:
+                        ho = [r["heldout"] for r in report]
+                        row["predictors"] = {
+                            "layers": [{"layer": r["layer"], "rank": r["rank"], **{k: r["heldout"][k] for k in
+                                        ("recall", "precision", "selected_fraction", "active_fraction")}} for r in report],
+                            **{f"{k}_median": float(statistics.median(h[k] for h in ho))
+                               for k in ("recall", "precision", "selected_fraction", "active_fraction")},
+                            "recall_min": float(min(h["recall"] for h in ho)),
+                            "heldout_source": report[0].get("heldout_source")}
+                    del m
+                    state["points"].append(row)
+                    done.add((share, pol, rule, sp_, md))
+                    save()
+                    log(f"{pol} @ {share:.0%} GPU ({row['hot_fraction']:.1%} held), {rule} rule, sparsity {sp_}, {md}: "
+                        f"agreement {row['agreement']:.4f}, KL {row['kl_mean']:.4f}, ppl {row['perplexity']:.3f} "
+                        f"(dense {state['dense']['perplexity']:.3f})")
+            shutil.rmtree(bdir, ignore_errors=True)
     state["thresholds"] = {r: {str(s): v for s, v in d.items()} for r, d in thresholds.items()}
     save()
     log(f"wrote {out}")
