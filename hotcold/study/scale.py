@@ -755,6 +755,9 @@ def _trace_run(eng: Any, selector: Any, seqs: list[dict[str, Any]], perm: np.nda
     eng.step(1)
     try:
         for sq in seqs:
+            if eng.host_pos + len(sq["blocks"]) * tpb >= eng.max_len:  # a fresh context when the next would not fit
+                eng.reset()
+                eng.step(1)
             if policy in ("prompt", "oracle"):
                 key = order(sq["prefill" if policy == "prompt" else "continuation"])
                 t0 = time.perf_counter()
