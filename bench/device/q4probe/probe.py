@@ -32,6 +32,11 @@ for dens in (0.1, 0.45):
             sys.exit("the AVX-512 kernel did not build here (no compiler or no AVX-512 F/BW)")
         k = QColdKernel(D, backend="numba", threads=T); k.warm_up(fmt)
         k._q4 = None  # the numba kernel
+        k1 = QColdKernel(D, backend="numba", threads=T); k1.warm_up(fmt)
+        k1._q4.blocked = False  # the C kernel's first version: down rows one slot at a time
+
+        def c1_run():
+            return k1(x, gate, ud, "predictor", mask=mask).n_active
 
         def c_run():
             return kc(x, gate, ud, "predictor", mask=mask).n_active
@@ -41,9 +46,9 @@ for dens in (0.1, 0.45):
         n = c_run(); err_c = float(np.abs(kc.y.numpy() - ref).max() / np.abs(ref).max())
         nb_run(); err_n = float(np.abs(k.y.numpy() - ref).max() / np.abs(ref).max())
         byt = n * (g.shape[1] + u.shape[1])
-        ms = {"c": [], "numba": []}
+        ms = {"c": [], "c_one_row": [], "numba": []}
         for _ in range(5):
-            for name, fn in (("c", c_run), ("numba", nb_run)):
+            for name, fn in (("c", c_run), ("c_one_row", c1_run), ("numba", nb_run)):
                 t = time.perf_counter()
                 for _ in range(10):
                     fn()
@@ -52,6 +57,7 @@ for dens in (0.1, 0.45):
              **{f"{k_}_ms_median": float(np.median(v)) for k_, v in ms.items()},
              **{f"{k_}_GBps": float(byt / np.median(v) / 1e6) for k_, v in ms.items()}}
         r["c_over_numba"] = r["numba_ms_median"] / r["c_ms_median"]
+        r["four_row_over_one_row"] = r["c_one_row_ms_median"] / r["c_ms_median"]
         res["runs"].append(r)
         print(json.dumps(r), flush=True)
 (out / "q4probe.json").write_text(json.dumps(res, indent=1))
