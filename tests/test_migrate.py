@@ -126,3 +126,38 @@ def test_dynamic_placement_moves_quantized_neurons_and_keeps_exact_output(monkey
     eng.reset()
     torch.testing.assert_close(eng.forward(x), ref, rtol=1e-4, atol=1e-4)
     assert dyn.stats.to_json(9)["bytes_per_token"] > 0
+
+
+def test_dynamic_placement_fed_from_outside_moves_what_the_counts_say(monkeypatch):
+    """observe() + decide() + migrate(): the study's in-loop path (counts from a replayed trace, not from
+    the engine's counters). Frequencies that call every cold neuron hot move neurons at once, and the
+    model still computes what it did."""
+    from hotcold.runtime.dynamic import DynamicPlacement
+    from hotcold.solver.costmodel import CostModel
+    from hotcold.solver.hardware import preset
+
+    eng = _model("q4", monkeypatch)
+    cfg = eng.cfg
+    x = torch.tensor(IDS)
+    ref = eng.forward(x)
+    prior = np.zeros((cfg.n_layers, cfg.n_ff))
+    for l in range(cfg.n_layers):
+        prior[l][eng.gl[l].hot_ids] = 0.5
+    cm = CostModel(cfg, preset("h200"), "q4", cold_mode="threshold", ctx_len=32)
+    dyn = DynamicPlacement(eng, cm, prior, every=16, alpha=0.5, max_swaps=4, horizon=10**6, margin=0.0)
+    dyn.enabled, eng.stats_on = False, False
+    was_hot = [set(g.hot_ids.tolist()) for g in eng.gl]
+    dyn.migrate(dyn.decide())  # the prior alone: nothing looks hotter than the hot set
+    assert dyn.stats.neurons == 0 and dyn.stats.decisions == 1
+    block = np.zeros((cfg.n_layers, cfg.n_ff))
+    for l in range(cfg.n_layers):
+        block[l][eng.cl[l].cold_ids] = 1.0
+    dyn.observe(block)
+    assert np.allclose(dyn.ema[0][eng.cl[0].cold_ids], 0.5)  # (1 - alpha) * 0 + alpha * 1
+    dyn.migrate(dyn.decide())
+    moved = [len(set(g.hot_ids.tolist()) - h) for g, h in zip(eng.gl, was_hot)]
+    assert dyn.stats.neurons == sum(moved) > 0 and max(moved) <= 4  # at most max_swaps a layer
+    with pytest.raises(ValueError):
+        dyn.observe(block[:, :-1])
+    eng.reset()
+    torch.testing.assert_close(eng.forward(x), ref, rtol=1e-4, atol=1e-4)
