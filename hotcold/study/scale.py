@@ -3,13 +3,14 @@ measured on the runtime with every layer built, on real models' firing statistic
 
 Weights are random quantized bytes (hotcold.runtime.build.random_quantized_model): nothing here is a
 trained 70B model. What is real is the firing: per-neuron frequencies of a real model's profiles (MBPP
-train for the placement, MBPP test and HumanEval for the runs), mapped by relative depth onto the target's
-layers (hotcold.workloads.frequencies.map_by_depth), and the hot-set replay of `hotcold profile hotsets` on
-the real model's per-sequence records for the policies that change the hot set while the model runs.
+train for the placement, MBPP test, HumanEval and prose for the runs), mapped by relative depth onto the
+target's layers (hotcold.workloads.frequencies.map_by_depth), and traces of how that model fired on the
+first sequences of each eval, block by block (traces.npz: its per-16-token counts, mapped the same way).
 
 Scenarios:
-  swiglu  the real model's statistics (a quality-validated sparsity of its profile); the cold side in
-          predictor mode selecting what the real predictors measured (selected / active, from the stats)
+  swiglu  the real model's statistics (a quality-validated sparsity of its profile); every policy decodes
+          over the traces (each block sets what fires); the cold side in predictor mode selecting what the
+          real predictors measured (selected / active, from the stats)
   relu    the skewed synthetic power law (what PowerInfer's ReLU models show), rescaled so that cold
           neurons fire --relu-density of the time under the fixed hot set; stationary, so the policies
           that react to per-prompt variation have nothing to react to and are not run
@@ -19,13 +20,13 @@ Policies, all holding at most the same number of GPU neurons (the budget's):
   impact    PowerInfer's ILP (hotcold.solver, policy impact) on the mapped profile
   adaptive  hotcold's latency MILP (policy adaptive) under this machine's measured rates
   random    fixed's per-layer counts, neurons drawn at random: what the hot/cold split is worth at all
-  dynamic   fixed's placement plus the runtime's EMA migration, replayed on the real model's per-sequence
-            records (hotsets 'dynamic'); its cold work is fixed's times the replay's per-layer ratio
-  prompt    the hot set re-chosen after each prompt's prefill (hotsets 'prompt'), same sizes per layer
-  oracle    each continuation's own top set (hotsets 'oracle'): the ceiling of any per-prompt choice
-For dynamic/prompt/oracle the decode runs with the cold-side work the replay gives them; the migration
-they need is timed on the built model (hotcold.runtime.migrate.swap_neurons, synchronous, the bytes of
-q4 neurons in both directions) and charged per token.
+  dynamic   fixed's placement plus the runtime's EMA migration (hotcold.runtime.dynamic.DynamicPlacement)
+            fed each trace block's real counts, deciding and moving neurons (swap_neurons) in the loop
+  prompt    the hot set re-chosen from each prompt's prefill counts before its continuation (rehome)
+  oracle    each continuation's own top set: the ceiling of any per-prompt choice (moves not charged)
+The time dynamic and prompt spend deciding and moving is measured in the loop and charged per real token
+of the trace; rounds are interleaved across the policies of one build. `hotcold profile hotsets`' replay
+on the real model itself (hotsets.json) is reported beside, for the ceiling over all its sequences.
 
 Each (scenario, budget) runs in its own process; nvidia-smi is sampled while it runs, so the GPU memory
 reported is what the process held (CUDA context, weights, KV cache, predictors, buffers).
