@@ -255,6 +255,21 @@ def test_eval_pass1_sparse_runs_and_records_its_rule(tiny_gguf, tmp_path, mbpp_p
     assert 0.25 < sp["hot_fraction"] < 0.35 and "fixed placement at 30%" in sp["placement"]["how"]
     measured = d["sessions"][-1]["sparse_measured"]["cold_active_fraction"]
     assert 0.0 < measured < 1.0 and "sparse decode: product rule at sparsity 0.5" in r.stdout
+    # a placement solved again from the same profile is the same run: a longer --limit resumes the checkpoint
+    # (a solved placement's manifest carries its solve time; the key is its hot set)
+    ck = tmp_path / "resume.json"
+    part = ck.with_suffix(".json.partial.json")
+    r = runner.invoke(app, [*base[:-4], "-n", "4", "-b", "2", "--limit", "1", "--checkpoint-every", "1", "-o", str(ck),
+                            "--sparsity", "0.5", "--profile", str(prof_dir), "--gpu-share", "0.3"])
+    assert r.exit_code == 0, r.output
+    d1 = json.loads(ck.read_text())
+    part.write_text(ck.read_text())
+    r = runner.invoke(app, [*base[:-4], "-n", "4", "-b", "2", "--limit", "1", "-o", str(ck), "--sparsity", "0.5",
+                            "--profile", str(prof_dir), "--gpu-share", "0.3"])
+    assert r.exit_code == 0, r.output
+    d2 = json.loads(ck.read_text())
+    assert d2["sparse"] == d1["sparse"] and d2["sparse"]["placement"]["hot_set_sha256"]
+    assert d2["sessions"][-1]["resumed_with"] == 1
     for args, needle in ((["--sparsity", "0.5"], "--sparsity needs --profile"),
                          (["--profile", str(prof_dir)], "--profile without --sparsity"),
                          (["--sparsity", "0.5", "--profile", str(prof_dir), "--gpu-share", "0.3", "--placement",

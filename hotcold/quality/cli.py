@@ -5,6 +5,7 @@ Nothing heavy is imported at module level: torch and the model load inside the c
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -165,8 +166,11 @@ def _sparse_setup(src, sparsity, profile, placement, gpu_share, policy, hardware
     info = {"rule": "product", "sparsity": sparsity, "prefill": "dense", "thresholds": thr,
             "hot_fraction": float(hot.mean()), "n_hot": [int(v) for v in hot.sum(1)],
             "profile": {"path": str(profile), "content_hash": prof.content_hash},
+            # a placement solved here is identified by its hot set (its manifest carries the solve's timing,
+            # so its content hash differs between two solves of the same set and a resume would be refused)
             "placement": {"how": how, "path": str(placement) if placement else None,
-                          "content_hash": pl.content_hash if pl is not None else None,
+                          "content_hash": pl.content_hash if pl is not None and gpu_share is None else None,
+                          "hot_set_sha256": hashlib.sha256(np.packbits(hot).tobytes()).hexdigest(),
                           "policy": pl.policy if pl is not None else None},
             "how": "hotcold.quality.sparse.ThresholdEmulation: the runtime's threshold mode (product rule) on the "
                    "batched dense model's decode steps"}
