@@ -125,11 +125,11 @@ def hot_sets(p, n_layers: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
             [p.cold_indices(l).astype(np.int64) for l in range(n_layers)])
 
 
-def hot_mask(eng, ctx: BenchContext) -> np.ndarray:
-    """[L, n_ff] bool: the neurons the built model holds on the GPU side."""
-    hm = np.zeros((ctx.cfg.n_layers, ctx.cfg.n_ff), bool)
-    for l in range(ctx.cfg.n_layers):
-        hm[l][eng.gl[l].hot_ids] = True
+def hot_mask(eng) -> np.ndarray:
+    """[L, n_ff] bool: the neurons the built model holds on the GPU side now."""
+    hm = np.zeros((eng.L, eng.cfg.n_ff), bool)
+    for l, g in enumerate(eng.gl):
+        hm[l][g.hot_ids] = True
     return hm
 
 
@@ -161,7 +161,7 @@ def hotcold_run(ctx: BenchContext, name: str, p, f_work: np.ndarray, dynamic: bo
         r["migration"] = dyn.stats.to_json(n + o.warm)
         r["tau_history"] = [h for h in dyn.stats.history if "committed" in h][-8:]
         r["decisions"] = [h for h in dyn.stats.history if "swaps" in h][-8:]
-    hm = hot_mask(eng, ctx)
+    hm = hot_mask(eng)
     r["predicted"] = predict_ms(ctx.cm, f_work, hm)
     r["model_error"] = r["predicted"]["ms_per_token"] / r["ms_per_token"] - 1
     ctx.masks[name] = (hm, f_work, "predictor")
@@ -212,7 +212,7 @@ def threshold_run(ctx: BenchContext, p) -> None:
     n_cold = sum(c.n_cold for c in eng.cl)
     r["measured_cold_density"] = r["cold_active_per_token"] / max(n_cold, 1)
     fm = np.minimum(ctx.f_match, F_CAP)
-    hm = hot_mask(eng, ctx)
+    hm = hot_mask(eng)
     r["expected_cold_density"] = float(fm[~hm].mean()) if (~hm).any() else 0.0
     r["predicted"] = predict_ms(ctx.cost_model(ctx.hw, "threshold"), fm, hm)
     r["model_error"] = r["predicted"]["ms_per_token"] / r["ms_per_token"] - 1

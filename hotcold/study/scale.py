@@ -162,7 +162,8 @@ def prepare(out: Path, profile: Path, evals: dict[str, Path], shape: str, layers
     traces: dict[str, np.ndarray] = {}
     trace_info: dict[str, Any] = {}
     for name, path in evals.items():
-        sq = Profile.load(path, with_sequences=True).sequences
+        ev = Profile.load(path, with_sequences=True)
+        sq = ev.sequences
         if not sq or "blocks" not in sq:
             raise InputError(f"{path} has no per-block sequence records (the traces the policies run on)",
                              "profile it with `hotcold profile run --per-sequence`")
@@ -178,7 +179,7 @@ def prepare(out: Path, profile: Path, evals: dict[str, Path], shape: str, layers
                        f"{name}/block_tokens": sq["block_tokens"][keep]})
         trace_info[name] = {"sequences": n, "blocks": int(len(keep)),
                             "continuation_tokens": int(sq["block_tokens"][keep].sum()),
-                            "block": int((Profile.load(path).manifest.get("sequences") or {}).get("block") or 0)}
+                            "block": int((ev.manifest.get("sequences") or {}).get("block") or 0)}
     sel = None
     if predictors is not None and Path(predictors).exists():
         pj = json.loads(Path(predictors).read_text())
@@ -708,13 +709,6 @@ def load_traces(stats: Path, meta: dict[str, Any], L: int, n_ff: int) -> dict[st
     return out
 
 
-def _hot_mask_now(eng: Any) -> np.ndarray:
-    hm = np.zeros((eng.L, eng.cfg.n_ff), dtype=bool)
-    for l, g in enumerate(eng.gl):
-        hm[l][g.hot_ids] = True
-    return hm
-
-
 def _restore(eng: Any, n_hot: tuple[int, ...]) -> None:
     """Back to the build's placement (ids below n_hot[l] hot), after a policy that moved neurons."""
     from hotcold.runtime.migrate import rehome
@@ -737,6 +731,7 @@ def _trace_run(eng: Any, selector: Any, seqs: list[dict[str, Any]], perm: np.nda
     The stall (decisions and moves) is charged per real continuation token of the trace; the decode time
     per timed step."""
     from hotcold.bench.fits import predict_ms
+    from hotcold.bench.runs import hot_mask
     from hotcold.runtime.migrate import rehome
 
     L, n_ff = eng.L, eng.cfg.n_ff
@@ -771,7 +766,7 @@ def _trace_run(eng: Any, selector: Any, seqs: list[dict[str, Any]], perm: np.nda
                 a["stall_s" if policy == "prompt" else "unpaid_s"] += time.perf_counter() - t0
             for w_log, bt in sq["blocks"]:
                 w = order(w_log)
-                hm = _hot_mask_now(eng)
+                hm = hot_mask(eng)
                 sel = np.where(hm, w, np.minimum(w * sel_ratio, 1.0))
                 selector.set_probabilities(sel)
                 for _ in range(tpb):
@@ -1026,7 +1021,8 @@ def write_report(res: dict[str, Any], out: Path) -> Path:
                 ". Rounds are interleaved (round r starts r policies later); migration is the policy's own "
                 "decisions and moves, timed in the loop and charged per real token; `paired` is fixed's round "
                 "over the policy's round, round by round."]
-            pairs = {(row["eval"], row["policy"]): row.get("paired_speedups") for row in summarize({"cells": {key: cell}})}
+            pairs = {(row["eval"], row["policy"]): row.get("paired_speedups")
+                     for row in res.get("summary") or summarize(res) if row["cell"] == key}
             pl = [f"{p}@{e} {', '.join(f'{v:.3f}' for v in v_)}" for (e, p), v_ in pairs.items() if v_ and p != "fixed"]
             if pl:
                 lines += ["", "Paired speed-ups over fixed (per round): " + "; ".join(pl) + "."]
