@@ -1,6 +1,7 @@
 """Two pass@1 runs on the same tasks, compared task by task (`hotcold eval pass1` JSONs).
 
     python bench/pass1_paired.py DENSE.json SPARSE.json [--json]
+    python bench/pass1_paired.py D100.json,D400.json S100.json,S400.json      (slices of one split, joined)
 
 Prints both pass rates on the tasks they share, the discordant pairs (solved by one run only), the exact
 two-sided McNemar p-value (binomial on the discordant pairs) and a 95% interval for the difference of
@@ -52,12 +53,19 @@ def paired(a: dict[str, bool], b: dict[str, bool]) -> dict:
             "difference_b_minus_a": diff, "difference_95": [diff - dl, diff + du]}
 
 
-def load(path: str) -> dict[str, bool]:
-    try:
-        d = json.loads(Path(path).read_text())
-        return {t["id"]: bool(t["passed"]) for t in d["tasks"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        sys.exit(f"error: {path} is not a pass@1 result ({type(e).__name__}: {e}): pass the --out of `hotcold eval pass1`")
+def load(paths: str) -> dict[str, bool]:
+    """One run, or a comma-separated list of runs over disjoint slices of one split (joined task by task)."""
+    out: dict[str, bool] = {}
+    for path in paths.split(","):
+        try:
+            d = json.loads(Path(path).read_text())
+            part = {t["id"]: bool(t["passed"]) for t in d["tasks"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"error: {path} is not a pass@1 result ({type(e).__name__}: {e}): pass the --out of `hotcold eval pass1`")
+        if set(part) & set(out):
+            sys.exit(f"error: {path} repeats tasks of an earlier file in the same list: join runs over disjoint slices only")
+        out.update(part)
+    return out
 
 
 def main() -> None:
