@@ -244,7 +244,7 @@ class GpuOps:
 
     # ---- tuning ------------------------------------------------------------------------------
     def _pick(self, key: tuple, configs, launch) -> tuple:
-        """The fastest config for `key` (timed once with CUDA events outside capture), else the first."""
+        """The fastest config for `key` (timed once outside capture), else the first."""
         if key in self.best:
             return self.best[key]
         if self.interp:
@@ -254,15 +254,7 @@ class GpuOps:
         times = {}
         for cfg in configs:
             try:
-                launch(cfg, scratch=True)
-                torch.cuda.synchronize(self.device)
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(10):
-                    launch(cfg, scratch=True)
-                b.record()
-                b.synchronize()
-                times[cfg] = a.elapsed_time(b) / 10
+                times[cfg] = self._time(cfg, launch)
             except Exception:  # noqa: BLE001 - a config that does not compile is skipped
                 continue
         best = min(times, key=times.get) if times else configs[0]
@@ -270,6 +262,34 @@ class GpuOps:
         self.tuning_log.append({"op": key[0], "shape": list(key[1:]), "config": list(best),
                                 "ms": {str(list(c)): t for c, t in times.items()}})
         return best
+
+    def _time(self, cfg: tuple, launch, reps: int = 10) -> float:
+        """ms per launch of `cfg`, as the engine runs it: replayed from a CUDA graph. Launched one by one
+        from Python, a kernel of a few microseconds is timed at the launcher's pace, not the GPU's, and the
+        fastest config on the GPU can lose the pick; without graphs (a failed capture) the plain launches."""
+        launch(cfg, scratch=True)  # compiles
+        torch.cuda.synchronize(self.device)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                for _ in range(reps):
+                    launch(cfg, scratch=True)
+            g.replay()
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            del g
+            return a.elapsed_time(b) / reps
+        except RuntimeError:
+            torch.cuda.synchronize(self.device)
+        a.record()
+        for _ in range(reps):
+            launch(cfg, scratch=True)
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / reps
 
     # ---- ops ---------------------------------------------------------------------------------
     def gemv(self, w: torch.Tensor, out: torch.Tensor, *, x: torch.Tensor | None = None,
