@@ -824,6 +824,34 @@ def _run_traces(eng: Any, selector: Any, members: list[tuple[str, np.ndarray]], 
     perms = {p: hot_first(f_place, hot) for p, hot in members}
     got: dict[tuple[str, str], list[dict[str, Any]]] = {}
     R = int(spec["rounds"])
+
+    def summarize() -> None:
+        """Every (policy, eval) over the rounds so far, through done(): after each round, so a run cut short
+        by a deadline leaves its finished rounds (rounds_done says how many)."""
+        for (p, e), rs in got.items():
+            ms = [x["ms_per_token"] for x in rs]
+            stall = [x["stall_ms_per_token"] for x in rs]
+            tot = [m + s_ for m, s_ in zip(ms, stall)]
+            r0 = dict(rs[0])
+            r0.update({"mode": "trace", "rounds_done": len(rs), "rounds_ms_per_token": ms,
+                       "ms_per_token": float(np.median(ms)),
+                       "ms_per_token_spread": [float(min(ms)), float(max(ms))],
+                       "rounds_stall_ms_per_token": stall, "rounds_total_ms_per_token": tot,
+                       "total_spread": [float(min(tot)), float(max(tot))],
+                       "cpu_GBps": float(np.median([x["cpu_GBps"] or 0.0 for x in rs])),
+                       "rounds_cpu_GBps": [x["cpu_GBps"] for x in rs]})
+            r0["migration"] = {"neurons_per_token": r0["neurons_moved"] / max(r0["real_tokens"], 1),
+                               "bytes_per_token": r0["bytes_moved"] / max(r0["real_tokens"], 1),
+                               "stall_ms_per_token": float(np.median(stall)),
+                               "unpaid_ms_per_token": r0["unpaid_ms_per_token"],
+                               "note": {"dynamic": "DynamicPlacement's decisions and swap_neurons moves, timed in the loop, "
+                                                   "per real continuation token of the trace",
+                                        "prompt": "re-homing every layer to the prompt's top set before each sequence, "
+                                                  "timed, per real continuation token",
+                                        "oracle": "re-homing to the continuation's own top set: timed but not charged "
+                                                  "(known only after the continuation)"}.get(p, "no migration")}
+            r0["ms_per_token_with_migration"] = float(np.median(tot))
+            done(f"{p}@{e}", r0)
     for r in range(R):
         k = r % len(members)
         for p, _ in members[k:] + members[:k]:
@@ -832,30 +860,8 @@ def _run_traces(eng: Any, selector: Any, members: list[tuple[str, np.ndarray]], 
                 got.setdefault((p, e), []).append(rr)
                 log(f"  round {r + 1}/{R} {p}@{e}: {rr['ms_per_token']:.1f} ms/token + {rr['stall_ms_per_token']:.2f} "
                     f"stall, GPU share of activations {rr['gpu_share_of_activations']:.3f}")
+        summarize()
     _restore(eng, n_hot)
-    for (p, e), rs in got.items():
-        ms = [x["ms_per_token"] for x in rs]
-        stall = [x["stall_ms_per_token"] for x in rs]
-        tot = [m + s_ for m, s_ in zip(ms, stall)]
-        r0 = dict(rs[0])
-        r0.update({"mode": "trace", "rounds_ms_per_token": ms, "ms_per_token": float(np.median(ms)),
-                   "ms_per_token_spread": [float(min(ms)), float(max(ms))],
-                   "rounds_stall_ms_per_token": stall, "rounds_total_ms_per_token": tot,
-                   "total_spread": [float(min(tot)), float(max(tot))],
-                   "cpu_GBps": float(np.median([x["cpu_GBps"] or 0.0 for x in rs])),
-                   "rounds_cpu_GBps": [x["cpu_GBps"] for x in rs]})
-        r0["migration"] = {"neurons_per_token": r0["neurons_moved"] / max(r0["real_tokens"], 1),
-                           "bytes_per_token": r0["bytes_moved"] / max(r0["real_tokens"], 1),
-                           "stall_ms_per_token": float(np.median(stall)),
-                           "unpaid_ms_per_token": r0["unpaid_ms_per_token"],
-                           "note": {"dynamic": "DynamicPlacement's decisions and swap_neurons moves, timed in the loop, "
-                                               "per real continuation token of the trace",
-                                    "prompt": "re-homing every layer to the prompt's top set before each sequence, "
-                                              "timed, per real continuation token",
-                                    "oracle": "re-homing to the continuation's own top set: timed but not charged "
-                                              "(known only after the continuation)"}.get(p, "no migration")}
-        r0["ms_per_token_with_migration"] = float(np.median(tot))
-        done(f"{p}@{e}", r0)
 
 
 def _run_policy(eng: Any, selector: Any, probs: np.ndarray | None, spec: dict[str, Any]) -> dict[str, Any]:
